@@ -1,0 +1,31 @@
+# `make demo` and `make test` each create .venv when missing and install into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A clean environment for pytest's worker processes and the demo: CPU only.
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: demo test install clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m train.demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 --dist=loadfile tests
+
+clean:
+	rm -rf $(VENV)
