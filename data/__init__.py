@@ -1,0 +1,1 @@
+"""Data: tokenizers, sources, token shards and grain batch pipelines."""

@@ -1,0 +1,194 @@
+"""Grain pipelines: packed pretraining rows from token shards, sharded by host, resumable exactly."""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from data.prepare import TokenShards
+from data.sources import DataError
+
+Batch = dict[str, np.ndarray]
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only here: tests and tools may build batches without touching JAX
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index {process_index} must be in [0, {process_count})")
+    return process_index, process_count
+
+
+def pack_rows(shards: TokenShards, rows_B: np.ndarray, seq_len: int, pad_id: int) -> Batch:
+    """Row r is stream[r*(L+1):(r+1)*(L+1)]; rows past the end (or r < 0) come back as padding.
+
+    Segment ids number the document pieces of a row from 1 and positions restart at every
+    document start and every row start, so attention and RoPE never see another document;
+    loss_mask is 1 only where input and target belong to the same document.
+    """
+    L1 = seq_len + 1
+    rows_B = np.asarray(rows_B, dtype=np.int64)
+    tokens_BxL1 = np.full((len(rows_B), L1), pad_id, dtype=np.int32)
+    for b, r in enumerate(rows_B):
+        if r >= 0:
+            piece = shards.read(int(r) * L1, (int(r) + 1) * L1)
+            tokens_BxL1[b, : len(piece)] = piece
+    pos_BxL1 = rows_B[:, None] * L1 + np.arange(L1)
+    valid_BxL1 = (rows_B[:, None] >= 0) & (pos_BxL1 < shards.num_tokens)
+    starts = shards.doc_starts
+    doc_BxL1 = np.searchsorted(starts, pos_BxL1, side="right") - 1
+    segment_BxL1 = np.where(valid_BxL1, doc_BxL1 - doc_BxL1[:, :1] + 1, 0)
+    row_start_Bx1 = pos_BxL1[:, :1]
+    positions_BxL1 = np.where(valid_BxL1, pos_BxL1 - np.maximum(starts[doc_BxL1], row_start_Bx1), 0)
+    same_doc_BxL = (doc_BxL1[:, :-1] == doc_BxL1[:, 1:]) & valid_BxL1[:, 1:]
+    return {
+        "inputs": tokens_BxL1[:, :-1],
+        "targets": tokens_BxL1[:, 1:],
+        "segment_ids": segment_BxL1[:, :-1].astype(np.int32),
+        "positions": positions_BxL1[:, :-1].astype(np.int32),
+        "loss_mask": same_doc_BxL.astype(np.float32),
+    }
+
+
+class _PackRows:
+    """Picklable batch maker so grain worker processes can run it."""
+
+    def __init__(self, shards: TokenShards, seq_len: int):
+        self.shards, self.seq_len, self.pad_id = shards, seq_len, shards.meta["pad_id"]
+
+    def __call__(self, rows_B: np.ndarray) -> Batch:
+        return pack_rows(self.shards, rows_B, self.seq_len, self.pad_id)
+
+
+class BatchIterator:
+    """A resumable batch iterator over a grain pipeline.
+
+    `get_state()` returns a JSON-serialisable dict: the grain iterator state under "grain"
+    (for worker_count=0 just the next batch index) and the pipeline's settings under "config";
+    `set_state()` refuses a state saved with other settings (another seed, length or host).
+    After `set_state(s)` the iterator yields exactly the batches that followed when s was saved.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, config: dict[str, Any], *, worker_count: int,
+                 steps_per_epoch: int):
+        self.config = config
+        self.steps_per_epoch = steps_per_epoch
+        # Batches are built vectorised in one call, so a couple of reader threads suffice.
+        it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+        if worker_count > 0:
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        self._it = iter(it_ds)
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._it.get_state(), "config": dict(self.config)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("config") != self.config:
+            raise DataError(f"data state was saved with {state.get('config')}, this pipeline is {self.config}")
+        self._it.set_state(state["grain"])
+
+    def close(self) -> None:
+        if hasattr(self._it, "close"):
+            self._it.close()
+
+
+def shuffled_batches(
+    num_rows: int,
+    make_batch: Callable[[np.ndarray], Batch],
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int | None,
+    process_count: int | None,
+    worker_count: int = 0,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    config: dict[str, Any] | None = None,
+) -> BatchIterator:
+    """Rows 0..num_rows-1 → per-epoch seeded shuffle → host shard → batches → epochs.
+
+    Every host gets the same number of batches per epoch (rows are cut to a multiple of
+    process_count first), so multi-host steps stay in lockstep; a partial last batch is dropped.
+    """
+    p, n_proc = _process(process_index, process_count)
+    usable = num_rows - num_rows % n_proc
+    if usable // n_proc < batch_size:
+        raise DataError(f"{num_rows} rows cannot fill one batch of {batch_size} on each of {n_proc} hosts")
+    ds = grain.MapDataset.range(num_rows)
+    if shuffle:
+        # grain's shuffle reseeds itself per epoch from the index, so epochs differ deterministically.
+        ds = ds.shuffle(seed=seed)
+    ds = ds[:usable][p::n_proc].batch(batch_size, drop_remainder=True).map(make_batch)
+    steps = len(ds)
+    ds = ds.repeat(num_epochs)
+    config = dict(config or {}, num_rows=num_rows, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                  process_index=p, process_count=n_proc)
+    return BatchIterator(ds, config, worker_count=worker_count, steps_per_epoch=steps)
+
+
+def pretrain_iterator(
+    shard_dir: str | os.PathLike,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    num_epochs: int | None = None,
+) -> BatchIterator:
+    """Packed pretraining batches (keys BATCH_KEYS, each (batch_size, seq_len)) from prepared shards.
+
+    Args:
+      shard_dir: a directory written by data.prepare.prepare.
+      process_index, process_count: this host's slice; default jax.process_index()/process_count().
+      worker_count: grain worker processes prefetching batches (0: in this process).
+      num_epochs: None repeats forever; each epoch is reshuffled.
+    """
+    shards = TokenShards(shard_dir)
+    num_rows = shards.num_tokens // (seq_len + 1)
+    if num_rows == 0:
+        raise DataError(f"{shard_dir}: {shards.num_tokens} tokens are fewer than one row of {seq_len + 1}")
+    return shuffled_batches(
+        num_rows, _PackRows(shards, seq_len), batch_size=batch_size, seed=seed,
+        process_index=process_index, process_count=process_count, worker_count=worker_count,
+        num_epochs=num_epochs, config={"kind": "pretrain", "seq_len": seq_len})
+
+
+def eval_batches(
+    shard_dir: str | os.PathLike,
+    *,
+    seq_len: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+    """Every row of a split once, in order (the tail as a partial row); the last batch is padded.
+
+    Padding rows have segment_ids 0 and loss_mask 0, so summed losses over the batches are exact.
+    With several hosts each takes rows r % process_count == process_index, and all hosts yield
+    the same number of batches.
+    """
+    shards = TokenShards(shard_dir)
+    num_rows = math.ceil(shards.num_tokens / (seq_len + 1))
+    mine = np.arange(process_index, num_rows, process_count)
+    num_batches = math.ceil(math.ceil(num_rows / process_count) / batch_size)
+    rows = np.full(num_batches * batch_size, -1, dtype=np.int64)
+    rows[: len(mine)] = mine
+    pad_id = shards.meta["pad_id"]
+    for k in range(num_batches):
+        yield pack_rows(shards, rows[k * batch_size : (k + 1) * batch_size], seq_len, pad_id)
