@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
+from absl import flags
 import numpy as np
 
 from data.prepare import TokenShards
@@ -84,6 +85,9 @@ class BatchIterator:
         # Batches are built vectorised in one call, so a couple of reader threads suffice.
         it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
         if worker_count > 0:
+            # grain's workers read absl flags; outside an absl app (tests, notebooks) none were parsed.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
         self._it = iter(it_ds)
 

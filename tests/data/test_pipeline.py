@@ -1,0 +1,191 @@
+"""Packing, determinism, exact resume and host sharding of the pretraining pipeline."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+from data import pipeline
+from data.prepare import prepare
+from data.sources import DataError
+from data.tokenizer import CharTokenizer
+
+L = 16  # seq_len
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Random documents of varied length (some longer than a row), tokenized into small shards."""
+    rng = random.Random(0)
+    docs = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(rng.randint(1, 40))) for _ in range(120)]
+    tok = CharTokenizer.from_text("".join(docs))
+    out = tmp_path_factory.mktemp("shards")
+    prepare(docs, tok, out, shard_tokens=50, progress=False)
+    # Plain-Python reference stream: (token, document index) for every stored token.
+    stream = []
+    for d, text in enumerate(docs):
+        stream += [(t, d) for t in tok.encode(text, bos=True, eos=True)]
+    return out, tok, stream
+
+
+def reference_rows(stream, seq_len, pad_id):
+    """Packs the stream with a plain loop: row r is tokens r*(L+1) .. r*(L+1)+L."""
+    rows = []
+    for start in range(0, len(stream), seq_len + 1):
+        window = stream[start : start + seq_len + 1]
+        row = {k: [] for k in pipeline.BATCH_KEYS}
+        seg, pos, prev_doc = 0, 0, None
+        for i in range(seq_len):
+            if i < len(window):
+                tok, doc = window[i]
+                if doc != prev_doc:
+                    seg, pos, prev_doc = seg + 1, 0, doc
+                else:
+                    pos += 1
+                has_target = i + 1 < len(window)
+                target = window[i + 1][0] if has_target else pad_id
+                same = has_target and window[i + 1][1] == doc
+                vals = (tok, target, seg, pos, 1.0 if same else 0.0)
+            else:
+                vals = (pad_id, pad_id, 0, 0, 0.0)
+            for k, v in zip(pipeline.BATCH_KEYS, vals):
+                row[k].append(v)
+        dtypes = dict(zip(pipeline.BATCH_KEYS, (np.int32,) * 4 + (np.float32,)))
+        rows.append({k: np.array(v, dtypes[k]) for k, v in row.items()})
+    return rows
+
+
+def _rows(batches):
+    return [{k: b[k][i] for k in b} for b in batches for i in range(len(b["inputs"]))]
+
+
+def _key(row):
+    return row["inputs"].tobytes() + row["targets"].tobytes()
+
+
+def test_eval_batches_match_a_plain_python_packer(corpus):
+    out, tok, stream = corpus
+    ref = reference_rows(stream, L, tok.pad_id)
+    got = _rows(pipeline.eval_batches(out, seq_len=L, batch_size=8))
+    assert len(got) == -(-len(ref) // 8) * 8
+    for r, row in enumerate(got):
+        if r < len(ref):
+            for k in pipeline.BATCH_KEYS:
+                np.testing.assert_array_equal(row[k], ref[r][k], err_msg=f"row {r} key {k}")
+        else:  # padding rows carry no loss and no segment
+            assert row["loss_mask"].sum() == 0 and row["segment_ids"].sum() == 0
+    # Every stored token appears exactly once, as input or as the final target of a row.
+    flat = [t for row in got[: len(ref)] for t in [*row["inputs"], row["targets"][-1]]]
+    assert flat[: len(stream)] == [t for t, _ in stream]
+    # The eos of a document is a target; the next document's bos never is.
+    masked_targets = np.concatenate([row["targets"][row["loss_mask"] > 0] for row in got])
+    assert (masked_targets == tok.eos_id).sum() > 0 and (masked_targets == tok.bos_id).sum() == 0
+
+
+def test_one_epoch_covers_each_row_once_with_correct_packing(corpus):
+    out, tok, stream = corpus
+    ref = {_key(r): r for r in reference_rows(stream, L, tok.pad_id)[: len(stream) // (L + 1)]}
+    assert len(ref) == len(stream) // (L + 1), "test data must make rows distinct"
+    it = pipeline.pretrain_iterator(out, seq_len=L, batch_size=4, seed=0, process_index=0, process_count=1,
+                                    num_epochs=1)
+    batches = list(it)
+    for b in batches:
+        assert set(b) == set(pipeline.BATCH_KEYS)
+        assert b["inputs"].shape == (4, L) and b["inputs"].dtype == np.int32
+        assert b["loss_mask"].dtype == np.float32
+    got = _rows(batches)
+    assert len(got) == len(ref) // 4 * 4 == it.steps_per_epoch * 4
+    assert len({_key(r) for r in got}) == len(got), "a row repeated within an epoch"
+    for row in got:
+        for k in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(row[k], ref[_key(row)][k])
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def _iterator(out, seed, **kw):
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return pipeline.pretrain_iterator(out, seq_len=L, batch_size=4, seed=seed, **kw)
+
+
+def test_determinism_and_seeds(corpus):
+    out, _, _ = corpus
+    a, b, c = (_take(_iterator(out, s), 6) for s in (3, 3, 4))
+    assert _same(a, b)
+    assert not _same(a, c)
+    # Epochs are reshuffled: the second epoch is not a replay of the first.
+    it = _iterator(out, 3)
+    epoch = _take(it, it.steps_per_epoch)
+    assert not _same(epoch, _take(it, it.steps_per_epoch))
+
+
+def test_resume_gives_exactly_the_uninterrupted_batches(corpus):
+    out, _, _ = corpus
+    steps = _iterator(out, 0).steps_per_epoch
+    full = _take(_iterator(out, 0), 3 * steps + 20)
+    for k in (0, 1, steps // 2, steps - 1, steps, steps + 3, 2 * steps + 1):
+        it = _iterator(out, 0)
+        _take(it, k)
+        state = json.loads(json.dumps(it.get_state()))  # must survive a checkpoint as JSON
+        fresh = _iterator(out, 0)
+        fresh.set_state(state)
+        assert _same(_take(fresh, 20), full[k : k + 20]), f"resume after {k} batches diverged"
+
+
+def test_resume_with_worker_processes(corpus):
+    out, _, _ = corpus
+    full = _take(_iterator(out, 0), 12)
+    it = _iterator(out, 0, worker_count=2)
+    assert _same(_take(it, 5), full[:5])
+    state = it.get_state()
+    it.close()
+    fresh = _iterator(out, 0, worker_count=2)
+    fresh.set_state(json.loads(json.dumps(state)))
+    assert _same(_take(fresh, 7), full[5:12])
+    fresh.close()
+
+
+def test_state_from_another_pipeline_is_refused(corpus):
+    out, _, _ = corpus
+    state = _iterator(out, 0).get_state()
+    with pytest.raises(DataError, match="data state was saved with"):
+        _iterator(out, 1).set_state(state)
+
+
+def test_four_hosts_read_disjoint_rows_that_cover_the_data(corpus):
+    out, tok, stream = corpus
+    num_rows = len(stream) // (L + 1)
+    seen = []
+    for p in range(4):
+        it = pipeline.pretrain_iterator(out, seq_len=L, batch_size=1, seed=5, process_index=p, process_count=4,
+                                        num_epochs=1)
+        seen.append({_key(r) for r in _rows(it)})
+    sizes = [len(s) for s in seen]
+    assert sizes == [num_rows // 4] * 4, "hosts must step in lockstep"
+    assert len(set().union(*seen)) == sum(sizes), "hosts overlap"
+    all_rows = {_key(r) for r in reference_rows(stream, L, tok.pad_id)[:num_rows]}
+    assert set().union(*seen) <= all_rows and sum(sizes) == num_rows - num_rows % 4
+
+
+def test_eval_batches_over_hosts_partition_the_rows(corpus):
+    out, _, _ = corpus
+    whole = [_key(r) for r in _rows(pipeline.eval_batches(out, seq_len=L, batch_size=4)) if r["segment_ids"].any()]
+    parts = [list(pipeline.eval_batches(out, seq_len=L, batch_size=4, process_index=p, process_count=3))
+             for p in range(3)]
+    assert len({len(p) for p in parts}) == 1, "every host must run the same number of eval steps"
+    got = [_key(r) for p in parts for r in _rows(p) if r["segment_ids"].any()]
+    assert sorted(got) == sorted(whole)
+
+
+def test_too_little_data_is_a_clear_error(corpus):
+    out, _, stream = corpus
+    with pytest.raises(DataError, match="cannot fill one batch"):
+        pipeline.pretrain_iterator(out, seq_len=L, batch_size=len(stream), seed=0, process_index=0,
+                                   process_count=1)
