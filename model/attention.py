@@ -1,0 +1,124 @@
+"""Causal self-attention: MHA/GQA/MQA, RoPE, segment and padding masks, and a KV cache."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes
+from model.config import ModelConfig
+from model.layers import Dense
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer in preallocated slots, plus which slots hold what.
+
+  segment_ids_BxT is 0 for slots that are empty or padding; `index` is the next slot to write.
+  All rows write the same slot at each step (prompts are left-padded to a common length).
+  """
+
+  k_NxBxTxGxK: jax.Array
+  v_NxBxTxGxK: jax.Array
+  segment_ids_BxT: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the half-split layout (the Hugging Face LLaMA convention)."""
+  k = x_BxLxHxK.shape[-1]
+  half = k // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / k))
+  angles_BxLxK2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+  sin = jnp.sin(angles_BxLxK2)[:, :, None, :]
+  cos = jnp.cos(angles_BxLxK2)[:, :, None, :]
+  x = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+def make_mask(q_segment_BxL: jax.Array, kv_segment_BxT: jax.Array, q_slot_L: jax.Array,
+              kv_slot_T: jax.Array) -> jax.Array:
+  """True where a query may attend a key: same non-zero segment, key slot not in the future.
+
+  Slots order tokens in time (causality); segments separate packed documents and padding,
+  so positions (which restart per document) never decide what is visible.
+  """
+  same_BxLxT = q_segment_BxL[:, :, None] == kv_segment_BxT[:, None, :]
+  real_Bx1xT = (kv_segment_BxT != 0)[:, None, :]
+  causal_LxT = kv_slot_T[None, :] <= q_slot_L[:, None]
+  return same_BxLxT & real_Bx1xT & causal_LxT[None]
+
+
+def attend(q_BxLxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
+           mask_BxLxT: jax.Array, impl: str = "xla") -> jax.Array:
+  """Softmax attention with float32 logits; impl 'reference' is the plain XLA einsum path.
+
+  Rows with no visible key (padding queries) come out finite and are ignored downstream.
+  """
+  b, l, h, k = q_BxLxHxK.shape
+  g = k_BxTxGxK.shape[2]
+  scale = 1.0 / math.sqrt(k)
+  if impl != "reference":
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxTxGxK, v_BxTxGxK,
+                                        mask=mask_BxLxT[:, None], scale=scale,
+                                        implementation=impl)
+  q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, h // g, k)
+  logits_BxGxRxLxT = jnp.einsum("blgrk,btgk->bgrlt", q_BxLxGxRxK, k_BxTxGxK,
+                                preferred_element_type=jnp.float32) * scale
+  big_neg = jnp.finfo(jnp.float32).min
+  logits_BxGxRxLxT = jnp.where(mask_BxLxT[:, None, None], logits_BxGxRxLxT, big_neg)
+  probs_BxGxRxLxT = jax.nn.softmax(logits_BxGxRxLxT, axis=-1)
+  out_BxLxGxRxK = jnp.einsum("bgrlt,btgk->blgrk", probs_BxGxRxLxT.astype(v_BxTxGxK.dtype),
+                             v_BxTxGxK)
+  return out_BxLxGxRxK.reshape(b, l, h, k)
+
+
+class Attention(nnx.Module):
+  """Causal self-attention with grouped key/value heads."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.impl, self.position, self.rope_theta = cfg.attention_impl, cfg.position, cfg.rope_theta
+    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    self.q = Dense((d,), (h, k), (axes.EMBED,), (axes.HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
+    self.k = Dense((d,), (g, k), (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
+    self.v = Dense((d,), (g, k), (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
+    self.o = Dense((h, k), (d,), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), cfg, rngs=rngs,
+                   std=out_std)
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_BxLxT: jax.Array,
+               kv=None, index=None):
+    """Returns the attention output and, when a cache layer `kv` is given, its update."""
+    q_BxLxHxK = self.q(x_BxLxD)
+    k_BxLxGxK = self.k(x_BxLxD)
+    v_BxLxGxK = self.v(x_BxLxD)
+    if self.position == "rope":
+      q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
+      k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
+    q_BxLxHxK = axes.constrain(q_BxLxHxK, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS,
+                                           None))
+    new_kv = None
+    if kv is not None:
+      k_cache, v_cache = kv
+      k_BxLxGxK = jax.lax.dynamic_update_slice(k_cache, k_BxLxGxK.astype(k_cache.dtype),
+                                               (0, index, 0, 0))
+      v_BxLxGxK = jax.lax.dynamic_update_slice(v_cache, v_BxLxGxK.astype(v_cache.dtype),
+                                               (0, index, 0, 0))
+      new_kv = (k_BxLxGxK, v_BxLxGxK)
+    kv_names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None)
+    k_BxTxGxK = axes.constrain(k_BxLxGxK, kv_names)
+    v_BxTxGxK = axes.constrain(v_BxLxGxK, kv_names)
+    out_BxLxHxK = attend(q_BxLxHxK, k_BxTxGxK.astype(q_BxLxHxK.dtype),
+                         v_BxTxGxK.astype(q_BxLxHxK.dtype), mask_BxLxT, self.impl)
+    return self.o(out_BxLxHxK), new_kv

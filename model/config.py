@@ -1,0 +1,115 @@
+"""Model configuration: a frozen dataclass, its validation, and presets."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
+REMATS = ("none", "full", "dots")
+ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of the decoder. Every field is validated on construction."""
+
+  vocab_size: int = 256  # tokens in the vocabulary
+  d_model: int = 64  # width of the residual stream
+  n_layers: int = 2  # decoder blocks
+  n_heads: int = 4  # query heads
+  n_kv_heads: int = 4  # key/value heads: n_heads for MHA, fewer for GQA, 1 for MQA
+  d_ff: int = 256  # hidden width of the MLP
+  max_seq_len: int = 128  # longest sequence (size of a learned position table)
+  norm: str = "rmsnorm"  # layernorm | rmsnorm
+  norm_eps: float = 1e-5  # epsilon inside the norms
+  position: str = "rope"  # learned | rope
+  rope_theta: float = 10000.0  # RoPE base frequency
+  mlp: str = "swiglu"  # gelu | swiglu
+  use_bias: bool = False  # biases in dense layers and layernorm (GPT-2 has them)
+  tie_embeddings: bool = False  # LM head reuses the token embedding
+  dropout: float = 0.0  # residual and embedding dropout rate while training
+  dtype: str = "float32"  # compute dtype of activations and matmuls
+  param_dtype: str = "float32"  # storage dtype of parameters
+  scan_layers: bool = False  # stack blocks and run them with lax.scan (fast compile)
+  remat: str = "none"  # none | full | dots: what each block saves for backward
+  attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention) | reference
+  init_std: float = 0.02  # std of the normal initialiser
+
+  def __post_init__(self):
+    positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                "max_seq_len")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+    if self.d_model % self.n_heads:
+      raise ValueError(f"ModelConfig.d_model ({self.d_model}) must be divisible by "
+                       f"n_heads ({self.n_heads})")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be divisible by "
+                       f"n_kv_heads ({self.n_kv_heads})")
+    choices = {"norm": NORMS, "position": POSITIONS, "mlp": MLPS, "remat": REMATS,
+               "attention_impl": ATTENTION_IMPLS, "dtype": DTYPES, "param_dtype": DTYPES}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is unknown; "
+                         f"choose one of {', '.join(allowed)}")
+    if self.position == "rope" and self.head_dim % 2:
+      raise ValueError(f"ModelConfig.position='rope' needs an even head_dim, got "
+                       f"{self.head_dim} (d_model / n_heads)")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+    if self.norm_eps <= 0:
+      raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
+    if self.rope_theta <= 0:
+      raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+    if self.init_std <= 0:
+      raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+
+PRESETS = {
+    # Tiny LLaMA-style model for unit tests: GQA, RoPE, SwiGLU, RMSNorm.
+    "tiny": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        d_ff=128, max_seq_len=64),
+    # Tiny GPT-2-style model for unit tests.
+    "tiny_gpt2": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                             d_ff=256, max_seq_len=64, norm="layernorm", position="learned",
+                             mlp="gelu", use_bias=True, tie_embeddings=True),
+    # GPT-2 small (124M).
+    "gpt2_124m": ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
+                             n_kv_heads=12, d_ff=3072, max_seq_len=1024, norm="layernorm",
+                             position="learned", mlp="gelu", use_bias=True,
+                             tie_embeddings=True),
+    # LLaMA-style ~1.1B (the TinyLlama shape): GQA 32/4, untied.
+    "llama_1b": ModelConfig(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32,
+                            n_kv_heads=4, d_ff=5632, max_seq_len=2048, norm_eps=1e-5),
+    # LLaMA-2 7B shape.
+    "llama_7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
+                            n_kv_heads=32, d_ff=11008, max_seq_len=4096, norm_eps=1e-5),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  """Returns the named preset, optionally with fields replaced."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+  return PRESETS[name].replace(**overrides)

@@ -1,0 +1,119 @@
+"""Building blocks: dense layers, embeddings, norms, MLPs and dropout, each with logical axes."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes
+from model.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs | None, init, shape, dtype, logical: Sequence[str | None]):
+  """A parameter that carries logical axis names; shardings are applied by the caller's jit."""
+  value = init(rngs.params(), shape, dtype) if rngs is not None else init(shape, dtype)
+  return nnx.Param(value, out_sharding=tuple(logical), eager_sharding=False)
+
+
+def normal(std: float):
+  return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; identity when rate is 0 or no rng is given (evaluation)."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class Dense(nnx.Module):
+  """Contracts the trailing `in_shape` dims of x with a kernel of shape in_shape + out_shape.
+
+  The matmul runs on 2-D operands (all leading dims flattened): XLA:CPU's weight-gradient
+  dots are markedly faster that way than as 3-D contractions.
+  """
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
+               in_axes: Sequence[str], out_axes: Sequence[str], cfg: ModelConfig, *,
+               rngs: nnx.Rngs, std: float | None = None, use_bias: bool | None = None):
+    self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+    self.dtype = cfg.compute_dtype
+    std = cfg.init_std if std is None else std
+    self.kernel = param(rngs, normal(std), self.in_shape + self.out_shape, cfg.weight_dtype,
+                        tuple(in_axes) + tuple(out_axes))
+    use_bias = cfg.use_bias if use_bias is None else use_bias
+    self.bias = (param(None, jnp.zeros, self.out_shape, cfg.weight_dtype, out_axes)
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_shape)
+    lead = x.shape[:x.ndim - n_in]
+    x_MxI = x.reshape(-1, math.prod(self.in_shape)).astype(self.dtype)
+    w_IxO = self.kernel[...].reshape(math.prod(self.in_shape), -1).astype(self.dtype)
+    y_MxO = x_MxI @ w_IxO
+    if self.bias is not None:
+      y_MxO = y_MxO + self.bias[...].reshape(-1).astype(self.dtype)
+    return y_MxO.reshape(lead + self.out_shape)
+
+
+class Embed(nnx.Module):
+  """Token embedding table; `attend` reuses it as a tied output projection."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.dtype = cfg.compute_dtype
+    self.table_VxD = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
+                           cfg.weight_dtype, (axes.VOCAB, axes.EMBED))
+
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    return jnp.take(self.table_VxD[...], tokens_BxL, axis=0).astype(self.dtype)
+
+  def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+    b, l, d = x_BxLxD.shape
+    table_VxD = self.table_VxD[...].astype(self.dtype)
+    return (x_BxLxD.reshape(b * l, d).astype(self.dtype) @ table_VxD.T).reshape(b, l, -1)
+
+
+class Norm(nnx.Module):
+  """LayerNorm or RMSNorm over the last axis, computed in float32."""
+
+  def __init__(self, cfg: ModelConfig):
+    self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, cfg.compute_dtype
+    self.scale = param(None, jnp.ones, (cfg.d_model,), cfg.weight_dtype, (axes.EMBED,))
+    use_bias = cfg.norm == "layernorm" and cfg.use_bias
+    self.bias = (param(None, jnp.zeros, (cfg.d_model,), cfg.weight_dtype, (axes.EMBED,))
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    y = y * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class MLP(nnx.Module):
+  """GELU MLP (GPT-2) or SwiGLU MLP (LLaMA)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.kind = cfg.mlp
+    d, f = cfg.d_model, cfg.d_ff
+    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's scaled residual init
+    if cfg.mlp == "swiglu":
+      self.gate = Dense((d,), (f,), (axes.EMBED,), (axes.MLP,), cfg, rngs=rngs)
+    self.up = Dense((d,), (f,), (axes.EMBED,), (axes.MLP,), cfg, rngs=rngs)
+    self.down = Dense((f,), (d,), (axes.MLP,), (axes.EMBED,), cfg, rngs=rngs, std=out_std)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    if self.kind == "swiglu":
+      h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
+    else:
+      h_BxLxF = jax.nn.gelu(self.up(x_BxLxD), approximate=True)
+    h_BxLxF = axes.constrain(h_BxLxF, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+    return self.down(h_BxLxF)

@@ -1,0 +1,176 @@
+"""The decoder: blocks, the stack (optionally scanned and rematerialised), LM and scalar heads."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes
+from model.attention import Attention, KVCache, make_mask
+from model.config import ModelConfig
+from model.layers import MLP, Dense, Embed, Norm, dropout, normal, param
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.rate = cfg.dropout
+    self.attn_norm = Norm(cfg)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = Norm(cfg)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxT, kv=None, index=None, rng=None):
+    rng_attn, rng_mlp = (None, None) if rng is None else jax.random.split(rng)
+    h_BxLxD, new_kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_BxLxT, kv, index)
+    x_BxLxD = x_BxLxD + dropout(h_BxLxD, self.rate, rng_attn)
+    x_BxLxD = x_BxLxD + dropout(self.mlp(self.mlp_norm(x_BxLxD)), self.rate, rng_mlp)
+    return axes.constrain(x_BxLxD, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)), new_kv
+
+
+def _block_fn(graphdef, cfg: ModelConfig, positions_BxL, mask_BxLxT, index):
+  """A pure function (block state, x, kv, rng) -> (x, kv), rematerialised as configured."""
+
+  def apply(state, x_BxLxD, kv, rng):
+    return nnx.merge(graphdef, state)(x_BxLxD, positions_BxL, mask_BxLxT, kv, index, rng)
+
+  if cfg.remat == "none":
+    return apply
+  return jax.checkpoint(apply, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer. `lm_head=False` builds the trunk alone (for scalar heads)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+    self.config = cfg
+    self.embed = Embed(cfg, rngs=rngs)
+    if cfg.position == "learned":
+      self.pos_embed_SxD = param(rngs, normal(cfg.init_std), (cfg.max_seq_len, cfg.d_model),
+                                 cfg.weight_dtype, (None, axes.EMBED))
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.n_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
+      def make_blocks(layer_rngs):
+        return Block(cfg, rngs=layer_rngs)
+
+      self.blocks = make_blocks(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = Norm(cfg)
+    self.lm_head = (Dense((cfg.d_model,), (cfg.vocab_size,), (axes.EMBED,), (axes.VOCAB,), cfg,
+                          rngs=rngs, use_bias=False)
+                    if lm_head and not cfg.tie_embeddings else None)
+    self.has_lm_head = lm_head
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
+    return KVCache.zeros(self.config, batch, length, dtype)
+
+  def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, cache=None,
+             dropout_rng=None):
+    """Final-normed hidden states, and the updated cache when one is given."""
+    cfg = self.config
+    b, l = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((b, l), jnp.int32)
+    segment_ids_BxL = segment_ids_BxL.astype(jnp.int32)
+    if cache is None:
+      index, kv_segment_BxT = None, segment_ids_BxL
+      q_slot_L = kv_slot_T = jnp.arange(l)
+    else:
+      index = cache.index
+      kv_segment_BxT = jax.lax.dynamic_update_slice(cache.segment_ids_BxT, segment_ids_BxL,
+                                                    (0, index))
+      q_slot_L = index + jnp.arange(l)
+      kv_slot_T = jnp.arange(kv_segment_BxT.shape[1])
+    mask_BxLxT = make_mask(segment_ids_BxL, kv_segment_BxT, q_slot_L, kv_slot_T)
+
+    x_BxLxD = self.embed(tokens_BxL)
+    if cfg.position == "learned":
+      x_BxLxD = x_BxLxD + jnp.take(self.pos_embed_SxD[...], positions_BxL, axis=0).astype(
+          x_BxLxD.dtype)
+    rng_embed, rng_layers = ((None, None) if dropout_rng is None
+                             else jax.random.split(dropout_rng))
+    x_BxLxD = dropout(x_BxLxD, cfg.dropout, rng_embed)
+    x_BxLxD = axes.constrain(x_BxLxD, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+    layer_rngs = None if rng_layers is None else jax.random.split(rng_layers, cfg.n_layers)
+    kv = None if cache is None else (cache.k_NxBxTxGxK, cache.v_NxBxTxGxK)
+
+    if cfg.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+      fn = _block_fn(graphdef, cfg, positions_BxL, mask_BxLxT, index)
+      x_BxLxD, new_kv = jax.lax.scan(lambda x, xs: fn(xs[0], x, xs[1], xs[2]), x_BxLxD,
+                                     (state, kv, layer_rngs))
+    else:
+      new_k, new_v = [], []
+      for i, block in enumerate(self.blocks):
+        graphdef, state = nnx.split(block)
+        fn = _block_fn(graphdef, cfg, positions_BxL, mask_BxLxT, index)
+        kv_i = None if kv is None else (kv[0][i], kv[1][i])
+        x_BxLxD, kv_i = fn(state, x_BxLxD, kv_i, None if layer_rngs is None else layer_rngs[i])
+        if kv_i is not None:
+          new_k.append(kv_i[0])
+          new_v.append(kv_i[1])
+      new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if kv is not None else None
+
+    h_BxLxD = self.final_norm(x_BxLxD)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(new_kv[0], new_kv[1], kv_segment_BxT, index + l)
+    return h_BxLxD, new_cache
+
+  def logits(self, h_BxLxD: jax.Array) -> jax.Array:
+    """LM logits in float32 (the loss and the sampler's softmax want full precision)."""
+    if not self.has_lm_head:
+      raise ValueError("this Transformer was built with lm_head=False and has no LM head")
+    if self.lm_head is None:
+      logits_BxLxV = self.embed.attend(h_BxLxD)
+    else:
+      logits_BxLxV = self.lm_head(h_BxLxD)
+    logits_BxLxV = axes.constrain(logits_BxLxV, (axes.ACT_BATCH, axes.ACT_LENGTH,
+                                                 axes.ACT_VOCAB))
+    return logits_BxLxV.astype(jnp.float32)
+
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *,
+               dropout_rng=None):
+    h_BxLxD, _ = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL,
+                             dropout_rng=dropout_rng)
+    return self.logits(h_BxLxD)
+
+  def decode(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: KVCache):
+    """Runs L new tokens against the cache: (logits_BxLxV, updated cache)."""
+    h_BxLxD, cache = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, cache=cache)
+    return self.logits(h_BxLxD), cache
+
+
+class ScalarModel(nnx.Module):
+  """The trunk with a scalar head: a value per token (value model) or read at the last real
+  token with `last_token_values` (reward model)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.trunk = Transformer(cfg, rngs=rngs, lm_head=False)
+    self.head = Dense((cfg.d_model,), (1,), (axes.EMBED,), (None,), cfg, rngs=rngs,
+                      use_bias=True)
+
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *,
+               dropout_rng=None):
+    h_BxLxD, _ = self.trunk.hidden(tokens_BxL, positions_BxL, segment_ids_BxL,
+                                   dropout_rng=dropout_rng)
+    return self.head(h_BxLxD)[..., 0].astype(jnp.float32)
+
+
+def last_token_values(values_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+  """The value at each row's last position where mask is set (the reward of a sequence)."""
+  l = values_BxL.shape[1]
+  last_B = jnp.max(jnp.where(mask_BxL > 0, jnp.arange(l)[None, :], -1), axis=1)
+  last_B = jnp.maximum(last_B, 0)
+  return jnp.take_along_axis(values_BxL, last_B[:, None], axis=1)[:, 0]

@@ -1,0 +1,153 @@
+"""The decoder: causality, packing, padding, KV cache, scan/remat equivalence, heads."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model.attention import KVCache
+from model.transformer import ScalarModel, Transformer, last_token_values
+from model.config import preset
+from tests.model.conftest import build, tokens
+
+PRESETS = ["tiny", "tiny_gpt2"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_causality_gradient_is_exactly_zero(name):
+  """d logits[t] / d (embedding of the token at s) is exactly 0 for every s > t.
+
+  Embeddings are untied here: a tied LM head reads every table row by design."""
+  model = build(name, tie_embeddings=False)
+  l = 8
+  toks = jnp.arange(1, l + 1, dtype=jnp.int32)[None]  # distinct: one table row per position
+  graphdef, params = nnx.split(model)
+
+  def logit_at(p, t):
+    return nnx.merge(graphdef, p)(toks)[0, t].sum()
+
+  for t in range(l - 1):
+    grads = jax.grad(logit_at)(params, t)
+    table_grad = np.asarray(grads["embed"]["table_VxD"][...])
+    future_rows = table_grad[np.asarray(toks[0, t + 1:])]
+    assert np.all(future_rows == 0.0), f"position {t} depends on a later token"
+    assert np.any(table_grad[np.asarray(toks[0, :t + 1])] != 0.0)
+    if name == "tiny_gpt2":
+      assert np.all(np.asarray(grads["pos_embed_SxD"][...])[t + 1:] == 0.0)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_packed_segments_are_independent(name):
+  model = build(name)
+  a, bdoc = tokens(1, 5, seed=1), tokens(1, 7, seed=2)
+  packed = jnp.concatenate([a, bdoc], axis=1)
+  seg = jnp.array([[1] * 5 + [2] * 7])
+  pos = jnp.array([list(range(5)) + list(range(7))])
+  logits = model(packed, pos, seg)
+  np.testing.assert_allclose(logits[:, :5], model(a), atol=1e-5)
+  np.testing.assert_allclose(logits[:, 5:], model(bdoc), atol=1e-5)
+  # Changing document 1 leaves document 2's logits bit-identical.
+  other = packed.at[:, :5].set(tokens(1, 5, seed=9))
+  np.testing.assert_array_equal(model(other, pos, seg)[:, 5:], logits[:, 5:])
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_left_padding_does_not_change_real_logits(name):
+  model = build(name)
+  real = tokens(1, 6, seed=3)
+  padded = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), real], axis=1)
+  mask = jnp.array([[0] * 4 + [1] * 6])
+  pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  np.testing.assert_allclose(model(padded, pos, mask)[:, 4:], model(real), atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("name", PRESETS)
+def test_kv_cache_decode_matches_full_forward(name, scan):
+  """Prefill a left-padded prompt, then decode token by token: every step's logits equal the
+  full forward pass's at that position."""
+  model = build(name, scan_layers=scan)
+  b, p, n = 2, 5, 7
+  seq = tokens(b, p + n, seed=4)
+  mask = jnp.ones((b, p + n), jnp.int32).at[0, :2].set(0)  # row 0 starts with 2 pad slots
+  pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  full = model(seq, pos, mask)
+  cache = model.init_cache(b, p + n)
+  logits, cache = model.decode(seq[:, :p], pos[:, :p], mask[:, :p], cache)
+  np.testing.assert_allclose(logits[0, 2:], full[0, 2:p], atol=1e-4)
+  np.testing.assert_allclose(logits[1], full[1, :p], atol=1e-4)
+  for i in range(p, p + n):
+    step, cache = model.decode(seq[:, i:i + 1], pos[:, i:i + 1], mask[:, i:i + 1], cache)
+    np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-4, err_msg=f"step {i}")
+  assert int(cache.index) == p + n
+
+
+def _stack_unrolled(params_unrolled):
+  """Per-layer params of an unrolled model stacked into the scanned layout."""
+  pure = nnx.to_pure_dict(params_unrolled)
+  blocks = [pure["blocks"][i] for i in sorted(pure["blocks"])]
+  pure["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return pure
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("name", PRESETS)
+def test_scan_and_remat_match_unrolled(name, remat):
+  reference = build(name)
+  variant = build(name, scan_layers=True, remat=remat)
+  g_var, p_var = nnx.split(variant)
+  nnx.replace_by_pure_dict(p_var, _stack_unrolled(nnx.state(reference)))
+  g_ref, p_ref = nnx.split(reference)
+  toks = tokens(2, 10, seed=5)
+
+  def loss(g, p):
+    return jnp.mean(jnp.square(nnx.merge(g, p)(toks)))
+
+  l_ref, grads_ref = jax.value_and_grad(lambda p: loss(g_ref, p))(p_ref)
+  l_var, grads_var = jax.value_and_grad(lambda p: loss(g_var, p))(p_var)
+  np.testing.assert_allclose(l_var, l_ref, rtol=1e-6)
+  want = _stack_unrolled(grads_ref)
+  got = nnx.to_pure_dict(grads_var)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, want)
+
+
+def test_unrolled_remat_matches_plain():
+  plain, rematted = build("tiny"), build("tiny", remat="full")
+  toks = tokens(2, 8, seed=6)
+  f = lambda m: jax.grad(lambda p: jnp.sum(nnx.merge(nnx.graphdef(m), p)(toks) ** 2))(
+      nnx.state(m))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), nnx.to_pure_dict(f(plain)),
+               nnx.to_pure_dict(f(rematted)))
+
+
+def test_dot_product_attention_path_equals_reference_path():
+  fast, slow = build("tiny"), build("tiny", attention_impl="reference")
+  toks = tokens(2, 12, seed=7)
+  seg = jnp.array([[1] * 12, [0] * 3 + [1] * 4 + [2] * 5])
+  np.testing.assert_allclose(fast(toks, None, seg)[1, 3:], slow(toks, None, seg)[1, 3:],
+                             atol=1e-5)
+  np.testing.assert_allclose(fast(toks)[0], slow(toks)[0], atol=1e-5)
+
+
+def test_dropout_only_with_rng_and_is_seeded():
+  model = build("tiny", dropout=0.5)
+  toks = tokens(1, 8, seed=8)
+  np.testing.assert_array_equal(model(toks), model(toks))
+  a = model(toks, dropout_rng=jax.random.key(1))
+  np.testing.assert_array_equal(a, model(toks, dropout_rng=jax.random.key(1)))
+  assert not np.allclose(a, model(toks, dropout_rng=jax.random.key(2)))
+  assert not np.allclose(a, model(toks))
+
+
+def test_scalar_model_reads_last_real_token():
+  sm = ScalarModel(preset("tiny"), rngs=nnx.Rngs(0))
+  toks = tokens(2, 6, seed=9)
+  values = sm(toks)
+  assert values.shape == (2, 6) and values.dtype == jnp.float32
+  mask = jnp.array([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(last_token_values(values, mask),
+                                jnp.array([values[0, 2], values[1, 5]]))
+  # The trunk alone: its hidden states equal an LM-headed model's with the same weights.
+  assert not sm.trunk.has_lm_head
+  with pytest.raises(ValueError, match="no LM head"):
+    sm.trunk.logits(jnp.zeros((1, 1, 64)))
