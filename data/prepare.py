@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="a saved tokenizer directory, or 'bpe' / 'unigram' / 'char' to train on the train split")
     p.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size when training sentencepiece")
     p.add_argument("--shard_tokens", type=int, default=2**26, help="tokens per shard file")
+    p.add_argument("--add_bos", action=argparse.BooleanOptionalAction, default=True, help="bos before each document")
+    p.add_argument("--add_eos", action=argparse.BooleanOptionalAction, default=True, help="eos after each document")
     p.add_argument("--out", required=True, help="output directory: writes train/, val/ and tokenizer/")
     args = p.parse_args(argv)
 
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         if first is None:
             print(f"{split}: no documents, skipped")
             continue
-        prepare(_chain(first, documents), tok, os.path.join(args.out, split), shard_tokens=args.shard_tokens)
+        prepare(_chain(first, documents), tok, os.path.join(args.out, split), shard_tokens=args.shard_tokens,
+                add_bos=args.add_bos, add_eos=args.add_eos)
 
 
 def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:

@@ -13,8 +13,8 @@ from typing import Any
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
 # nanoGPT's shakespeare_char input, shared between checkouts and never copied into the repo.
-TINYSHAKESPEARE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                               "data", "tinyshakespeare", "input.txt")
+TINYSHAKESPEARE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                                                "data", "tinyshakespeare", "input.txt"))
 # Every VAL_EVERY-th play (sorted by path) is held out: deterministic, split by play.
 VAL_EVERY = 8
 

@@ -189,3 +189,11 @@ def test_too_little_data_is_a_clear_error(corpus):
     with pytest.raises(DataError, match="cannot fill one batch"):
         pipeline.pretrain_iterator(out, seq_len=L, batch_size=len(stream), seed=0, process_index=0,
                                    process_count=1)
+
+
+def test_hosts_default_to_jax_processes(corpus):
+    out, _, _ = corpus
+    config = pipeline.pretrain_iterator(out, seq_len=L, batch_size=4, seed=0).get_state()["config"]
+    assert (config["process_index"], config["process_count"]) == (0, 1)
+    with pytest.raises(DataError, match="process_index 4 must be in"):
+        pipeline.pretrain_iterator(out, seq_len=L, batch_size=4, seed=0, process_index=4, process_count=4)
