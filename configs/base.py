@@ -1,0 +1,66 @@
+"""Defaults for every run. Experiments start from get_config() and change what differs."""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from model.config import preset
+from train.optim import OptimConfig
+
+
+def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """A model preset as a ConfigDict (every ModelConfig field), with fields replaced.
+
+  vocab_size 0 means: take it from the run's tokenizer."""
+  fields = dataclasses.asdict(preset(name))
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = model_config("tiny", vocab_size=0)  # model/config.py documents each field
+
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus = "shakespeare"  # shakespeare (built-in plays) | text (a file, 90/10) | shards
+  c.data.path = ""  # text file for 'text' (default: tinyshakespeare), prepared dir for 'shards'
+  c.data.tokenizer = "bpe"  # bpe | unigram (sentencepiece, trained on train split) | char
+  c.data.vocab_size = 2048  # sentencepiece vocabulary size
+  c.data.seq_len = 128  # tokens per training row
+  c.data.batch_size = 16  # rows per optimizer step, across all devices and hosts
+  c.data.eval_batch_size = 32  # rows per evaluation batch
+  c.data.add_bos = True  # prepend BOS to every document
+  c.data.add_eos = True  # append EOS to every document
+  c.data.seed = 0  # shuffling seed
+  c.data.worker_count = 0  # grain worker processes (0: load in the training process)
+
+  c.opt = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig()))  # train/optim.py
+  c.opt.total_steps = 0  # schedule length; 0 means train.steps
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.layout = "dp"  # a file in configs/sharding: dp | fsdp | tp | fsdp_tp | dp_fsdp_tp
+  c.mesh.data = 0  # size of the data axis; 0 keeps the layout's, -1 fills the devices
+  c.mesh.fsdp = 0  # size of the fsdp axis; as above
+  c.mesh.tensor = 0  # size of the tensor axis; as above
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # optimizer steps
+  c.train.seed = 0  # parameter init and dropout seed
+  c.train.log_every = 10  # steps between logged training metrics
+  c.train.eval_every = 250  # steps between evaluations (0: only at the end)
+  c.train.eval_batches = 0  # validation batches per evaluation (0: the whole split)
+  c.train.checkpoint_every = 250  # steps between checkpoints (0: only at the end)
+  c.train.keep_checkpoints = 3  # checkpoints kept on disk
+  c.train.async_checkpoints = True  # write checkpoints in the background
+  c.train.max_seconds = 0.0  # stop (and checkpoint) after this much training time; 0: no limit
+  c.train.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss
+  c.train.peak_flops = 0.0  # peak FLOP/s of all devices for MFU; 0: measure a matmul on CPU
+  c.train.sample_prompt = ""  # text that evaluation samples continue
+  c.train.sample_tokens = 200  # tokens per evaluation sample
+  c.train.sample_temperature = 0.8  # evaluation sampling temperature
+  c.train.sample_top_k = 0  # evaluation sampling top-k (0: off)
+  c.train.tensorboard = True  # write TensorBoard scalars under workdir/tensorboard
+  c.train.progress = True  # show a progress bar
+  c.train.xla_cpu_flags = True  # tuned XLA:CPU flags (train/main.py); off: XLA defaults
+  return c

@@ -1,0 +1,1 @@
+"""Experiments: each file's get_config() is a complete run."""

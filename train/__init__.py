@@ -1,0 +1,1 @@
+"""Training: mesh and shardings, optimizer, losses, the one train step, checkpoints, the loop."""

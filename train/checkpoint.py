@@ -1,0 +1,101 @@
+"""Orbax checkpoints of the train state, data iterator state and config; resume and restore
+onto any mesh layout."""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints under `directory`, saved asynchronously.
+
+  A save that is interrupted (kill -9) never becomes the latest step: orbax writes into a
+  temporary directory and renames it only when complete.
+  """
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict | None, config: dict) -> bool:
+    args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+    if data_state is not None:
+      args["data"] = ocp.args.JsonSave(data_state)
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict | None]:
+    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs), which
+    may be another layout than the one that saved."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+    if has_data:
+      items["data"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], (restored["data"] if has_data else None)
+
+  def restore_config(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+        "config"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs of `tree` carrying `shardings`: a restore target."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def data_state_for_this_process(saved: dict, own: dict) -> dict:
+  """Hosts read in lockstep (the same batch index on every host), so the state saved by the
+  primary host restores every host once its own slice (process_index) is put back in."""
+  saved_config = dict(saved.get("config", {}))
+  own_config = own["config"]
+  mismatch = {k: (saved_config.get(k), v) for k, v in own_config.items()
+              if k != "process_index" and saved_config.get(k) != v}
+  if mismatch:
+    raise ValueError(f"the checkpoint's data state does not fit this run's data pipeline "
+                     f"(field: (saved, now)): {mismatch}")
+  return {"grain": saved["grain"], "config": dict(own_config)}
+
+
+class StopSignal:
+  """Turns SIGTERM and SIGINT into a flag the loop checks between steps, so it can save a
+  checkpoint and exit cleanly (a preempted job resumes where it stopped)."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False

@@ -1,0 +1,298 @@
+"""The host loop: build the run, then step, log, evaluate, sample and checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from data import corpus
+from data.pipeline import eval_batches, pretrain_iterator
+from model.config import ModelConfig
+from model.sampling import Sampler, SamplingConfig, left_pad
+from model.transformer import Transformer
+from train import checkpoint as ckpt
+from train import losses, metrics, optim, partitioning
+from train import step as steplib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Loop settings; configs/base.py documents each field."""
+
+  steps: int = 1000
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 250
+  eval_batches: int = 0
+  checkpoint_every: int = 250
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  max_seconds: float = 0.0
+  z_loss: float = 0.0
+  peak_flops: float = 0.0
+  sample_prompt: str = ""
+  sample_tokens: int = 200
+  sample_temperature: float = 0.8
+  sample_top_k: int = 0
+  tensorboard: bool = True
+  progress: bool = True
+  xla_cpu_flags: bool = True
+
+
+def section(cls, values: Mapping[str, Any], name: str):
+  """A frozen dataclass from a config section, naming any field it does not know."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"config.{name} has unknown fields {unknown}; known: {sorted(known)}")
+  return cls(**dict(values))
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run is built from; tests and benchmarks reuse the pieces."""
+
+  config: Any
+  workdir: str
+  model_cfg: ModelConfig
+  data_cfg: corpus.DataConfig
+  opt_cfg: optim.OptimConfig
+  train_cfg: TrainConfig
+  tokenizer: Any
+  train_dir: str
+  val_dir: str
+  mesh: Any
+  rules: tuple
+  graphdef: Any
+  state: steplib.TrainState
+  state_shardings: Any
+  batch_shardings: dict
+  train_step: Any
+  eval_step: Any
+  n_params: int
+
+
+def build(config, workdir: str) -> Run:
+  """Data, mesh, sharded state and jitted steps for `config` (an ml_collections ConfigDict)."""
+  os.makedirs(workdir, exist_ok=True)
+  train_cfg = section(TrainConfig, config.train, "train")
+  data_cfg = section(corpus.DataConfig, config.data, "data")
+  tokenizer, train_dir, val_dir = corpus.build(data_cfg, workdir, progress=train_cfg.progress)
+  model_fields = dict(config.model)
+  if model_fields.get("vocab_size", 0) == 0:
+    model_fields["vocab_size"] = tokenizer.vocab_size
+  model_cfg = section(ModelConfig, model_fields, "model")
+  if model_cfg.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                     f"{tokenizer.vocab_size}; set it to 0 to follow the tokenizer")
+  if model_cfg.position == "learned" and data_cfg.seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"data.seq_len={data_cfg.seq_len} exceeds model.max_seq_len="
+                     f"{model_cfg.max_seq_len}")
+  opt_fields = dict(config.opt)
+  opt_fields["total_steps"] = opt_fields.get("total_steps") or train_cfg.steps
+  opt_cfg = section(optim.OptimConfig, opt_fields, "opt")
+
+  mesh_cfg = dict(config.mesh)
+  layout = partitioning.load_layout(mesh_cfg.pop("layout"), mesh_cfg)
+  mesh = partitioning.make_mesh(layout)
+  rules = layout.rules
+  split = partitioning.batch_divisor(mesh, rules) * opt_cfg.grad_accum
+  for name in ("batch_size", "eval_batch_size"):
+    size = getattr(data_cfg, name)
+    need = split if name == "batch_size" else partitioning.batch_divisor(mesh, rules)
+    if size % need or size % jax.process_count():
+      raise partitioning.PartitionError(
+          f"data.{name}={size} must be divisible by the batch's mesh split "
+          f"({partitioning.batch_divisor(mesh, rules)})"
+          + (f" times opt.grad_accum ({opt_cfg.grad_accum})" if name == "batch_size" else "")
+          + f" and by the process count ({jax.process_count()})")
+
+  graphdef, params_state, param_shardings = partitioning.sharded_init(
+      lambda: Transformer(model_cfg, rngs=nnx.Rngs(train_cfg.seed)), mesh, rules)
+  params = nnx.to_pure_dict(params_state)
+  param_shardings = nnx.to_pure_dict(param_shardings)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  optimizer = optim.make_optimizer(opt_cfg, params)
+  abstract_opt = jax.eval_shape(optimizer.init, params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shardings = steplib.TrainState(
+      step=replicated, params=param_shardings,
+      opt_state=partitioning.opt_state_shardings(abstract_opt, param_shardings, mesh),
+      rng=replicated)
+  state = jax.jit(lambda p: steplib.init_state(p, optimizer, train_cfg.seed),
+                  out_shardings=state_shardings)(params)
+
+  keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+  batch_shardings = {k: partitioning.batch_sharding(mesh, rules) for k in keys}
+  loss_fn = lambda model, batch, rng: losses.lm_loss(model, batch, rng, z_loss=train_cfg.z_loss)
+  train_step = steplib.jit_train_step(
+      state_shardings, batch_shardings, graphdef=graphdef, loss_fn=loss_fn, optimizer=optimizer,
+      lr_schedule=optim.schedule(opt_cfg), grad_accum=opt_cfg.grad_accum, mesh=mesh, rules=rules)
+  eval_step = steplib.jit_eval_step(param_shardings, batch_shardings, graphdef=graphdef,
+                                    loss_fn=loss_fn, mesh=mesh, rules=rules)
+  return Run(config, workdir, model_cfg, data_cfg, opt_cfg, train_cfg, tokenizer, train_dir,
+             val_dir, mesh, rules, graphdef, state, state_shardings, batch_shardings, train_step,
+             eval_step, n_params)
+
+
+def evaluate(run: Run, params, max_batches: int = 0) -> dict:
+  """Loss and perplexity over the validation split (all of it when max_batches is 0)."""
+  totals: dict[str, float] = {}
+  batches = eval_batches(run.val_dir, seq_len=run.data_cfg.seq_len,
+                         batch_size=run.data_cfg.eval_batch_size // jax.process_count(),
+                         process_index=jax.process_index(), process_count=jax.process_count())
+  for i, batch in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    out = jax.device_get(run.eval_step(params, partitioning.shard_batch(batch, run.mesh,
+                                                                        run.rules)))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = max(totals.pop("count", 0.0), 1.0)
+  loss = totals.pop("loss_sum") / count
+  result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+  result.update({k: v / count for k, v in totals.items()})
+  return result
+
+
+def sample_text(run: Run, params, seed: int = 0) -> str:
+  """One continuation of train.sample_prompt, decoded."""
+  tc, tok = run.train_cfg, run.tokenizer
+  prompt = tok.encode(tc.sample_prompt, bos=run.data_cfg.add_bos) if tc.sample_prompt else []
+  prompt = prompt or [tok.bos_id]
+  budget = run.model_cfg.max_seq_len - len(prompt) if run.model_cfg.position == "learned" else 10**9
+  cfg = SamplingConfig(max_new_tokens=max(1, min(tc.sample_tokens, budget)),
+                       temperature=tc.sample_temperature, top_k=tc.sample_top_k,
+                       eos_id=tok.eos_id if run.data_cfg.add_eos else None, pad_id=tok.pad_id)
+  tokens, mask = left_pad([prompt], tok.pad_id)
+  out = Sampler(run.graphdef)(params, tokens, mask, jax.random.PRNGKey(seed), cfg)
+  generated = np.asarray(out.tokens_BxN[0])[np.asarray(out.mask_BxN[0]) > 0]
+  return tc.sample_prompt + tok.decode([int(t) for t in generated])
+
+
+def _compile(run: Run, batch) -> Any:
+  """Compiles the train step ahead of time and reports its memory needs."""
+  t0 = time.perf_counter()
+  compiled = run.train_step.lower(run.state, batch).compile()
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  info = {"compile_seconds": seconds}
+  if mem is not None:
+    for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                 "generated_code_size_in_bytes"):
+      info[name] = getattr(mem, name, 0)
+  return compiled, info
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (resuming from the latest checkpoint in workdir) and returns a summary."""
+  run = build(config, workdir)
+  tc = run.train_cfg
+  primary = jax.process_index() == 0
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints,
+                                   tc.async_checkpoints)
+  it = pretrain_iterator(run.train_dir, seq_len=run.data_cfg.seq_len,
+                         batch_size=run.data_cfg.batch_size // jax.process_count(),
+                         seed=run.data_cfg.seed, worker_count=run.data_cfg.worker_count)
+  start = checkpointer.latest_step() or 0
+  if start:
+    abstract = ckpt.abstract_like(run.state, run.state_shardings)
+    run.state, data_state = checkpointer.restore(start, abstract)
+    if data_state is not None:
+      it.set_state(ckpt.data_state_for_this_process(data_state, it.get_state()))
+    print(f"resumed from step {start} in {checkpointer.directory}")
+
+  writer = metrics.MetricsWriter(workdir, tc.tensorboard)
+  tokens_per_step = run.data_cfg.batch_size * run.data_cfg.seq_len
+  flops_token = metrics.flops_per_token(run.model_cfg, run.n_params, run.data_cfg.seq_len)
+  peak = tc.peak_flops or (metrics.measure_peak_flops() if jax.default_backend() == "cpu"
+                           else 0.0)
+  summary: dict[str, Any] = {"params": run.n_params, "start_step": start, "workdir": workdir}
+  if start == 0:
+    summary["sample_before"] = sample_text(run, run.state.params)
+
+  batch = partitioning.shard_batch(next(it), run.mesh, run.rules)
+  compiled, compile_info = _compile(run, batch)
+  summary.update(compile_info)
+  if primary:
+    print("compiled train step: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else
+                                             f"{k}={v}" for k, v in compile_info.items()))
+
+  def log(step, m, seconds, n_steps):
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    m["tokens_per_s"] = n_steps * tokens_per_step / max(seconds, 1e-9)
+    m["mfu"] = m["tokens_per_s"] * flops_token / peak if peak else None
+    writer.write(step, m)
+    return m
+
+  bar = tqdm.tqdm(total=tc.steps, initial=start, disable=not (tc.progress and primary),
+                  unit="step", dynamic_ncols=True)
+  last, t_last, steps_since, pending = {}, time.perf_counter(), 0, None
+  t_start = time.perf_counter()
+  stop = ckpt.StopSignal()
+  step = start
+  with stop:
+    while step < tc.steps:
+      run.state, m = compiled(run.state, batch)
+      step += 1
+      steps_since += 1
+      if pending is not None:  # read the previous step's metrics while this one runs
+        pending_step, pending_m = pending
+        if pending_step % tc.log_every == 0 or pending_step == start + 1:
+          now = time.perf_counter()
+          last = log(pending_step, pending_m, now - t_last, steps_since - 1)
+          t_last, steps_since = now, 1
+          bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                          mfu=f"{last['mfu']:.1%}" if last["mfu"] is not None else "n/a")
+      pending = (step, m)
+      bar.update(1)
+      timed_out = tc.max_seconds and time.perf_counter() - t_start > tc.max_seconds
+      done = step >= tc.steps or timed_out or stop.received is not None
+      if not done:
+        batch = partitioning.shard_batch(next(it), run.mesh, run.rules)
+      if tc.eval_every and step % tc.eval_every == 0 and not done:
+        ev = evaluate(run, run.state.params, tc.eval_batches)
+        writer.write(step, ev, prefix="val")
+        writer.text(step, "sample", sample_text(run, run.state.params, seed=step))
+        bar.write(f"step {step}: val loss {ev['loss']:.4f}")
+      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or done:
+        checkpointer.save(step, run.state, it.get_state(), config.to_dict())
+      if done:
+        break
+    if pending is not None:
+      last = log(pending[0], pending[1], time.perf_counter() - t_last, steps_since)
+  bar.close()
+  checkpointer.close()
+  summary.update(final_step=step, train_loss=last.get("loss"),
+                 tokens_per_s=last.get("tokens_per_s"), mfu=last.get("mfu"),
+                 stopped_by_signal=stop.received, train_seconds=time.perf_counter() - t_start)
+  if stop.received is not None:
+    print(f"received signal {stop.received}: saved a checkpoint at step {step}; run again to resume")
+    writer.close()
+    it.close()
+    return summary
+  ev = evaluate(run, run.state.params, tc.eval_batches)
+  writer.write(step, ev, prefix="val")
+  summary["val_loss"] = ev["loss"]
+  summary["sample_after"] = sample_text(run, run.state.params, seed=step)
+  writer.close()
+  it.close()
+  if primary:
+    summary["loss_plot"] = metrics.plot_losses(writer.path, os.path.join(workdir, "loss.png"))
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({k: v for k, v in summary.items() if not isinstance(v, str) or len(v) < 4000},
+                f, indent=1, default=str)
+    print(f"val loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f}) at step {step}")
+  return summary

@@ -1,0 +1,26 @@
+"""Losses as (sum, count, metric sums): exact under gradient accumulation and across devices."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL, z_loss: float = 0.0):
+  """Token cross entropy summed over weighted positions, with optional z-loss (PaLM)."""
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  weights_BxL = weights_BxL.astype(jnp.float32)
+  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  nll_BxL = logz_BxL - target_logit_BxL
+  loss_BxL = nll_BxL + z_loss * jnp.square(logz_BxL)
+  correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+  metrics = {"nll": jnp.sum(nll_BxL * weights_BxL),
+             "accuracy": jnp.sum(correct_BxL * weights_BxL)}
+  return jnp.sum(loss_BxL * weights_BxL), jnp.sum(weights_BxL), metrics
+
+
+def lm_loss(model, batch, rng=None, *, z_loss: float = 0.0):
+  """Next-token loss of a language model on a packed batch (pretraining and SFT)."""
+  logits_BxLxV = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                       dropout_rng=rng)
+  return cross_entropy(logits_BxLxV, batch["targets"], batch["loss_mask"], z_loss)

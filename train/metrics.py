@@ -1,0 +1,102 @@
+"""Metrics: TensorBoard scalars plus a JSONL log, model FLOPs and MFU, and the loss plot."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+
+
+def matmul_params(cfg: ModelConfig, n_params: int) -> int:
+  """Parameters that take part in a matmul per token: all but the lookup tables (the token
+  table counts when it is also the tied LM head)."""
+  lookup = cfg.max_seq_len * cfg.d_model if cfg.position == "learned" else 0
+  if not cfg.tie_embeddings:
+    lookup += cfg.vocab_size * cfg.d_model
+  return n_params - lookup
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
+  """Training FLOPs per token: 6N for the matmuls plus 12 * layers * d_model * seq_len for
+  attention scores and values (the PaLM / nanoGPT estimate)."""
+  return 6.0 * matmul_params(cfg, n_params) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a float32 matmul on the default device: the CPU's practical peak."""
+  a = jnp.ones((size, size), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2.0 * size ** 3 / float(np.median(times))
+
+
+class MetricsWriter:
+  """Writes scalars to TensorBoard (when available) and to metrics.jsonl, on process 0."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.active:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(self.path, "a", buffering=1)
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict, prefix: str = "train"):
+    if not self.active:
+      return
+    clean = {k: float(v) for k, v in scalars.items() if v is not None}
+    self._file.write(json.dumps({"step": int(step), "split": prefix, **clean}) + "\n")
+    if self._tb is not None:
+      for k, v in clean.items():
+        self._tb.add_scalar(f"{prefix}/{k}", v, int(step))
+
+  def text(self, step: int, tag: str, text: str):
+    if self.active and self._tb is not None:
+      self._tb.add_text(tag, text, int(step))
+
+  def close(self):
+    if self.active:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(metrics_path: str, out_png: str) -> str:
+  """Training and validation loss against step."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = read_metrics(metrics_path)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for split, style in (("train", "-"), ("val", "o-")):
+    pts = [(r["step"], r["loss"]) for r in rows if r.get("split") == split and "loss" in r]
+    if pts:
+      steps, losses = zip(*sorted(dict(pts).items()))
+      ax.plot(steps, losses, style, label=split, markersize=4)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=120)
+  plt.close(fig)
+  return out_png

@@ -1,0 +1,115 @@
+"""The one train step every stage shares, and the eval step, jit-compiled on a mesh."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from model import axes
+
+# loss_fn(model, batch, rng or None) -> (loss_sum, count, metric sums)
+LossFn = Callable
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step changes. `rng` is a raw uint32 key; each step's dropout key is derived
+  from it and the step number, so resuming reproduces the same randomness."""
+
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
+
+
+def _split_microbatches(batch, k: int):
+  """[B, ...] -> [k, B/k, ...] taking every k-th row, so each microbatch draws rows from every
+  device's shard of the batch (no resharding) and all k together are the whole batch."""
+
+  def one(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} microbatches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+  return jax.tree.map(one, batch)
+
+
+def _grads(graphdef, loss_fn, params, batch, rng, grad_accum: int):
+  """Summed loss, count, metric sums and the gradient of the summed loss."""
+
+  def objective(p, mb, r):
+    loss_sum, count, metrics = loss_fn(nnx.merge(graphdef, p), mb, r)
+    return loss_sum, (count, metrics)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  if grad_accum == 1:
+    (loss_sum, (count, metrics)), grads = grad_fn(params, batch, rng)
+    return loss_sum, count, metrics, grads
+
+  def body(acc, xs):
+    mb, i = xs
+    (loss_sum, (count, metrics)), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, acc, (loss_sum, count, metrics, grads)), None
+
+  mbs = _split_microbatches(batch, grad_accum)
+  first = jax.tree.map(lambda x: x[0], mbs)
+  shapes = jax.eval_shape(lambda p, mb: (lambda o: (o[0][0], o[0][1][0], o[0][1][1], o[1]))(
+      grad_fn(p, mb, rng)), params, first)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  (loss_sum, count, metrics, grads), _ = jax.lax.scan(body, zeros,
+                                                      (mbs, jnp.arange(grad_accum)))
+  return loss_sum, count, metrics, grads
+
+
+def train_step(state: TrainState, batch, *, graphdef, loss_fn: LossFn,
+               optimizer: optax.GradientTransformation, lr_schedule, grad_accum: int = 1,
+               mesh=None, rules=()):
+  """One optimizer update from one global batch (split into grad_accum microbatches)."""
+  with (axes.axis_rules(mesh, rules) if mesh is not None else _nullcontext()):
+    rng = jax.random.fold_in(state.rng, state.step)
+    loss_sum, count, metric_sums, grads = _grads(graphdef, loss_fn, state.params, batch, rng,
+                                                 grad_accum)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+             "lr": lr_schedule(state.step), "tokens": count}
+  metrics.update({k: v / denom for k, v in metric_sums.items()})
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, *, graphdef, loss_fn: LossFn, mesh=None, rules=()):
+  """Summed loss, count and metric sums of one batch, without dropout."""
+  with (axes.axis_rules(mesh, rules) if mesh is not None else _nullcontext()):
+    loss_sum, count, metric_sums = loss_fn(nnx.merge(graphdef, params), batch, None)
+  return {"loss_sum": loss_sum, "count": count, **metric_sums}
+
+
+class _nullcontext:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *exc):
+    return False
+
+
+def jit_train_step(state_shardings, batch_shardings, **kwargs):
+  """The train step jitted with explicit shardings and the state donated."""
+  return jax.jit(functools.partial(train_step, **kwargs),
+                 in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def jit_eval_step(params_shardings, batch_shardings, **kwargs):
+  return jax.jit(functools.partial(eval_step, **kwargs),
+                 in_shardings=(params_shardings, batch_shardings))
