@@ -1,0 +1,455 @@
+"""Hugging Face GPT-2 / LLaMA safetensors checkpoints to and from our Transformer params."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+# HF architecture -> our family name; the family decides the tensor layout below.
+ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+_MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+# Our on-disk checkpoint (until train/checkpoint.py defines one): a manifest JSON naming the
+# ModelConfig, the params file and the tokenizer; params keys are '/'-joined pure-dict paths
+# ('blocks/0/attn/q/kernel', or 'blocks/attn/q/kernel' with a leading layer axis when scanned).
+MANIFEST, PARAMS_FILE, FORMAT = "fromscratch.json", "params.safetensors", "fromscratch-params/1"
+# Buffers some HF checkpoints carry that are not weights (GPT-2 causal masks, old RoPE caches).
+_BUFFERS = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
+_MISSING = object()
+
+
+class ConversionError(ValueError):
+  """A checkpoint, config or params tree that cannot be converted; the message says which."""
+
+
+def _field(c: dict, name: str, default: Any = _MISSING):
+  if name in c and c[name] is not None:
+    return c[name]
+  if default is _MISSING:
+    raise ConversionError(f"config.json lacks the required field {name!r}")
+  return default
+
+
+def _unsupported(arch: str, field: str, value, why: str) -> ConversionError:
+  return ConversionError(f"{arch} config.json has {field}={value!r}, which is not supported: {why}")
+
+
+def _architecture(hf_config: dict) -> str:
+  archs = hf_config.get("architectures") or [_MODEL_TYPES.get(hf_config.get("model_type"),
+                                                              hf_config.get("model_type"))]
+  if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+    raise ConversionError(f"unsupported architecture {archs} (model_type="
+                          f"{hf_config.get('model_type')!r}); supported: "
+                          f"{', '.join(ARCHITECTURES)}")
+  return archs[0]
+
+
+def hf_config_to_model(hf_config: dict, **overrides) -> ModelConfig:
+  """Maps an HF config.json dict to a ModelConfig; `overrides` set fields HF does not have
+  (scan_layers, remat, dtype, param_dtype, ...). Dropout is a training choice: 0 unless set."""
+  arch, c = _architecture(hf_config), hf_config
+  if ARCHITECTURES[arch] == "gpt2":
+    act = c.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+      raise _unsupported(arch, "activation_function", act,
+                         "our GELU MLP is the tanh approximation (gelu_new, gelu_pytorch_tanh)")
+    for name, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                     ("add_cross_attention", False)):
+      if c.get(name, ok) != ok:
+        raise _unsupported(arch, name, c[name], f"only {name}={ok} is implemented")
+    d = _field(c, "n_embd")
+    fields = dict(vocab_size=_field(c, "vocab_size"), d_model=d, n_layers=_field(c, "n_layer"),
+                  n_heads=_field(c, "n_head"), n_kv_heads=_field(c, "n_head"),
+                  d_ff=_field(c, "n_inner", 4 * d), max_seq_len=_field(c, "n_positions"),
+                  norm="layernorm", norm_eps=_field(c, "layer_norm_epsilon", 1e-5),
+                  position="learned", mlp="gelu", use_bias=True,
+                  tie_embeddings=_field(c, "tie_word_embeddings", True))
+  else:
+    act = c.get("hidden_act", "silu")
+    if act != "silu":
+      raise _unsupported(arch, "hidden_act", act, "our SwiGLU MLP uses silu")
+    attn_bias, mlp_bias = c.get("attention_bias", False), c.get("mlp_bias", False)
+    if attn_bias != mlp_bias:
+      raise _unsupported(arch, "attention_bias", attn_bias,
+                         f"our use_bias covers attention and MLP together (mlp_bias={mlp_bias})")
+    rope = c.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+      raise _unsupported(arch, "rope_parameters", rope, "only plain RoPE (rope_type='default')")
+    scaling = c.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
+      raise _unsupported(arch, "rope_scaling", scaling, "only plain RoPE (no scaling)")
+    d, h = _field(c, "hidden_size"), _field(c, "num_attention_heads")
+    if c.get("head_dim") not in (None, d // h):
+      raise _unsupported(arch, "head_dim", c["head_dim"], f"head_dim must be hidden_size / "
+                         f"num_attention_heads = {d // h}")
+    fields = dict(vocab_size=_field(c, "vocab_size"), d_model=d,
+                  n_layers=_field(c, "num_hidden_layers"), n_heads=h,
+                  n_kv_heads=_field(c, "num_key_value_heads", h),
+                  d_ff=_field(c, "intermediate_size"),
+                  max_seq_len=_field(c, "max_position_embeddings"), norm="rmsnorm",
+                  norm_eps=_field(c, "rms_norm_eps", 1e-6), position="rope",
+                  rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+                  mlp="swiglu", use_bias=bool(attn_bias),
+                  tie_embeddings=_field(c, "tie_word_embeddings", False))
+  return ModelConfig(**{**fields, "dropout": 0.0, **overrides})
+
+
+def _family(cfg: ModelConfig) -> str:
+  """The HF architecture family that computes exactly what `cfg` computes."""
+  if (cfg.norm, cfg.position, cfg.mlp, cfg.use_bias) == ("layernorm", "learned", "gelu", True):
+    if cfg.n_kv_heads != cfg.n_heads:
+      raise ConversionError(f"GPT2LMHeadModel has no grouped-query attention: n_kv_heads="
+                            f"{cfg.n_kv_heads} must equal n_heads={cfg.n_heads}")
+    return "gpt2"
+  if (cfg.norm, cfg.position, cfg.mlp) == ("rmsnorm", "rope", "swiglu"):
+    return "llama"
+  raise ConversionError(
+      f"no Hugging Face architecture matches norm={cfg.norm!r}, position={cfg.position!r}, "
+      f"mlp={cfg.mlp!r}, use_bias={cfg.use_bias}; supported: GPT2LMHeadModel (layernorm, "
+      f"learned, gelu, use_bias=True) and LlamaForCausalLM (rmsnorm, rope, swiglu)")
+
+
+def model_to_hf_config(cfg: ModelConfig) -> dict:
+  """The HF config.json dict of the architecture equivalent to `cfg`."""
+  family = _family(cfg)
+  common = {"architectures": [_MODEL_TYPES[family]], "model_type": family,
+            "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+            "dtype": cfg.param_dtype, "bos_token_id": None, "eos_token_id": None,
+            "pad_token_id": None}
+  if family == "gpt2":
+    return {**common, "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+            "n_inner": cfg.d_ff, "n_positions": cfg.max_seq_len, "activation_function":
+            "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+  # rope_theta is written at the top level too, for transformers releases before 5.
+  return {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+          "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+          "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+          "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+          "rope_theta": cfg.rope_theta, "attention_bias": cfg.use_bias,
+          "mlp_bias": cfg.use_bias, "attention_dropout": 0.0}
+
+
+class _Entry(NamedTuple):
+  """One HF tensor and the unscanned param path(s) it holds. Several paths split the HF
+  tensor's last axis evenly (GPT-2's fused c_attn); `transposed` marks torch Linear weights,
+  stored (out, in) where our kernels are (in, out)."""
+  hf_key: str
+  hf_shape: tuple
+  paths: tuple
+  our_shape: tuple
+  transposed: bool
+
+
+def _spec(cfg: ModelConfig, prefix: str = "transformer.") -> list[_Entry]:
+  """Every HF tensor of `cfg`'s architecture, in the order HF writes them."""
+  d, h, g, k, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                      cfg.vocab_size)
+  out, family = [], _family(cfg)
+
+  def add(key, hf_shape, paths, our_shape, transposed=False):
+    out.append(_Entry(key, tuple(hf_shape), tuple(paths), tuple(our_shape), transposed))
+
+  def norm(key, path, with_bias):
+    add(f"{key}.weight", (d,), [path + ("scale",)], (d,))
+    if with_bias:
+      add(f"{key}.bias", (d,), [path + ("bias",)], (d,))
+
+  def dense(key, in_shape, out_shape, path, n_split=1, transposed=True, bias=cfg.use_bias):
+    i, o = math.prod(in_shape), math.prod(out_shape) * n_split
+    paths = [path + (name,) for name in "qkv"] if n_split > 1 else [path]
+    add(f"{key}.weight", (o, i) if transposed else (i, o), [p + ("kernel",) for p in paths],
+        tuple(in_shape) + tuple(out_shape), transposed)
+    if bias:
+      add(f"{key}.bias", (o,), [p + ("bias",) for p in paths], out_shape)
+
+  if family == "gpt2":
+    add(f"{prefix}wte.weight", (v, d), [("embed", "table_VxD")], (v, d))
+    add(f"{prefix}wpe.weight", (cfg.max_seq_len, d), [("pos_embed_SxD",)], (cfg.max_seq_len, d))
+    for i in range(cfg.n_layers):
+      p, b = f"{prefix}h.{i}.", ("blocks", i)
+      norm(p + "ln_1", b + ("attn_norm",), True)
+      dense(p + "attn.c_attn", (d,), (h, k), b + ("attn",), n_split=3, transposed=False)
+      dense(p + "attn.c_proj", (h, k), (d,), b + ("attn", "o"), transposed=False)
+      norm(p + "ln_2", b + ("mlp_norm",), True)
+      dense(p + "mlp.c_fc", (d,), (f,), b + ("mlp", "up"), transposed=False)
+      dense(p + "mlp.c_proj", (f,), (d,), b + ("mlp", "down"), transposed=False)
+    norm(f"{prefix}ln_f", ("final_norm",), True)
+  else:
+    add("model.embed_tokens.weight", (v, d), [("embed", "table_VxD")], (v, d))
+    for i in range(cfg.n_layers):
+      p, b = f"model.layers.{i}.", ("blocks", i)
+      norm(p + "input_layernorm", b + ("attn_norm",), False)
+      dense(p + "self_attn.q_proj", (d,), (h, k), b + ("attn", "q"))
+      dense(p + "self_attn.k_proj", (d,), (g, k), b + ("attn", "k"))
+      dense(p + "self_attn.v_proj", (d,), (g, k), b + ("attn", "v"))
+      dense(p + "self_attn.o_proj", (h, k), (d,), b + ("attn", "o"))
+      norm(p + "post_attention_layernorm", b + ("mlp_norm",), False)
+      dense(p + "mlp.gate_proj", (d,), (f,), b + ("mlp", "gate"))
+      dense(p + "mlp.up_proj", (d,), (f,), b + ("mlp", "up"))
+      dense(p + "mlp.down_proj", (f,), (d,), b + ("mlp", "down"))
+    norm("model.norm", ("final_norm",), False)
+  if not cfg.tie_embeddings:
+    dense("lm_head", (d,), (v,), ("lm_head",), bias=False)
+  return out
+
+
+def _fail(what: str, problems: list[str]):
+  if problems:
+    shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+    raise ConversionError(f"cannot convert {what}:\n  " + "\n  ".join(shown))
+
+
+def _nest(flat: dict[tuple, np.ndarray]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def _flatten(tree, prefix=()) -> dict[tuple, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {p: x for key, sub in tree.items() for p, x in _flatten(sub, prefix + (key,)).items()}
+
+
+def _scan(flat: dict[tuple, np.ndarray], n_layers: int) -> dict[tuple, np.ndarray]:
+  """Stacks blocks/<i>/... into blocks/... with a leading layer axis (scan_layers=True)."""
+  out = {p: x for p, x in flat.items() if p[0] != "blocks"}
+  for p in {p[:1] + p[2:] for p in flat if p[0] == "blocks"}:
+    out[p] = np.stack([flat[p[:1] + (i,) + p[1:]] for i in range(n_layers)])
+  return out
+
+
+def hf_to_params(hf_config: dict, tensors: dict[str, np.ndarray], *, scan_layers: bool = False,
+                 **overrides) -> tuple[ModelConfig, dict]:
+  """HF config + tensors -> (ModelConfig, pure params dict of numpy arrays in param_dtype).
+
+  The dict has the structure of nnx.to_pure_dict(nnx.state(Transformer(cfg))); every HF tensor
+  is checked (missing, shape, unexpected) and all problems are reported in one error.
+  """
+  cfg = hf_config_to_model(hf_config, scan_layers=scan_layers, **overrides)
+  arch = _architecture(hf_config)
+  # The original GPT-2 release stores keys without the 'transformer.' prefix.
+  prefix = "" if "wte.weight" in tensors and "transformer.wte.weight" not in tensors else \
+      "transformer."
+  flat, problems, used = {}, [], set()
+  for e in _spec(cfg, prefix):
+    if e.hf_key not in tensors:
+      problems.append(f"missing tensor {e.hf_key!r} (expected shape {e.hf_shape})")
+      continue
+    used.add(e.hf_key)
+    w = np.asarray(tensors[e.hf_key])
+    if w.shape != e.hf_shape:
+      problems.append(f"tensor {e.hf_key!r} has shape {w.shape}, expected {e.hf_shape}")
+      continue
+    for path, part in zip(e.paths, np.split(w, len(e.paths), axis=-1)):
+      flat[path] = (part.T if e.transposed else part).reshape(e.our_shape).astype(
+          cfg.weight_dtype)
+  if cfg.tie_embeddings and "lm_head.weight" in tensors:
+    # Some exporters write the tied head anyway; accept it only if it really is the embedding.
+    used.add("lm_head.weight")
+    table = tensors.get(f"{prefix}wte.weight", tensors.get("model.embed_tokens.weight"))
+    if table is None or not np.array_equal(tensors["lm_head.weight"], table):
+      problems.append("tensor 'lm_head.weight' differs from the token embedding, but "
+                      "config.json ties them (tie_word_embeddings=true)")
+  problems += [f"unexpected tensor {key!r} with shape {tuple(np.shape(tensors[key]))}"
+               for key in sorted(tensors) if key not in used and not _BUFFERS.search(key)]
+  _fail(f"{arch} checkpoint", problems)
+  return cfg, _nest(_scan(flat, cfg.n_layers) if scan_layers else flat)
+
+
+def params_to_hf(cfg: ModelConfig, params: dict) -> tuple[dict, dict[str, np.ndarray]]:
+  """Our config + pure params dict (either scan layout) -> (HF config.json dict, tensors)."""
+  hf_config, spec = model_to_hf_config(cfg), _spec(cfg)
+  flat = {p: np.asarray(x) for p, x in _flatten(params).items()}
+  if cfg.scan_layers:  # unstack the leading layer axis, back to blocks/<i>/...
+    flat = {**{p: x for p, x in flat.items() if p[0] != "blocks"},
+            **{p[:1] + (i,) + p[1:]: x[i] for p, x in flat.items() if p[0] == "blocks"
+               for i in range(x.shape[0])}}
+  shapes = {path: e.our_shape for e in spec for path in e.paths}
+  name = lambda p: "/".join(map(str, p))  # noqa: E731
+  problems = [f"missing param {name(p)!r} (expected shape {s})" for p, s in shapes.items()
+              if p not in flat]
+  problems += [f"param {name(p)!r} has shape {flat[p].shape}, expected {s}"
+               for p, s in shapes.items() if p in flat and flat[p].shape != s]
+  problems += [f"unexpected param {name(p)!r}" for p in flat if p not in shapes]
+  _fail(f"params to {hf_config['architectures'][0]}", problems)
+  tensors = {}
+  for e in spec:
+    part_shape = e.hf_shape[:-1] + (e.hf_shape[-1] // len(e.paths),)
+    parts = [flat[p].reshape(part_shape[::-1]).T if e.transposed else flat[p].reshape(part_shape)
+             for p in e.paths]
+    tensors[e.hf_key] = np.ascontiguousarray(np.concatenate(parts, axis=-1))
+  return hf_config, tensors
+
+
+def read_hf(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """config.json and every tensor of model.safetensors or of the shards its index names."""
+  path = os.path.join(hf_dir, HF_CONFIG)
+  if not os.path.exists(path):
+    raise ConversionError(f"{path} does not exist: not a Hugging Face checkpoint folder")
+  with open(path) as f:
+    hf_config = json.load(f)
+  index = os.path.join(hf_dir, HF_INDEX)
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.exists(os.path.join(hf_dir, HF_WEIGHTS)):
+    files = [HF_WEIGHTS]
+  else:
+    raise ConversionError(f"{hf_dir} has neither {HF_WEIGHTS} nor {HF_INDEX} (only safetensors "
+                          "checkpoints are read; re-save others with save_pretrained)")
+  tensors = {}
+  for name in files:
+    tensors.update(load_file(os.path.join(hf_dir, name)))
+  return hf_config, tensors
+
+
+def parse_size(size: int | str) -> int:
+  """Bytes from an int or a string like '500MB', '5GB' (decimal units, as transformers)."""
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+)\s*([KMG]?B?)\s*", size.upper())
+  if not m:
+    raise ValueError(f"cannot parse size {size!r}; write e.g. 5GB, 500MB or a byte count")
+  return int(m.group(1)) * 1000 ** "BKMG".index((m.group(2) or "B")[0])
+
+
+def write_hf(out_dir: str, hf_config: dict, tensors: dict[str, np.ndarray], *,
+             max_shard_size: int | str = "5GB") -> list[str]:
+  """Writes config.json and the weights, sharded with an index above `max_shard_size`.
+
+  Weight files a previous export left in out_dir are removed first: a stale index or shard
+  would be read by from_pretrained alongside the new ones. Returns the weight file names.
+  """
+  limit = parse_size(max_shard_size)
+  os.makedirs(out_dir, exist_ok=True)
+  for name in os.listdir(out_dir):
+    if name == HF_INDEX or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", name):
+      os.remove(os.path.join(out_dir, name))
+  with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  shards, size = [[]], 0
+  for key, x in tensors.items():
+    if shards[-1] and size + x.nbytes > limit:
+      shards, size = shards + [[]], 0
+    shards[-1].append(key)
+    size += x.nbytes
+  n = len(shards)
+  names = [HF_WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                                       for i in range(n)]
+  for name, keys in zip(names, shards):
+    # transformers expects the 'format' metadata that torch's save_file writes.
+    save_file({k: tensors[k] for k in keys}, os.path.join(out_dir, name), metadata={"format": "pt"})
+  if n > 1:
+    index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
+             "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+    with open(os.path.join(out_dir, HF_INDEX), "w") as f:
+      json.dump(index, f, indent=2)
+  return names
+
+
+def build_model(cfg: ModelConfig, params: dict):
+  """A Transformer of `cfg` holding `params` (a pure dict, e.g. from hf_to_params)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state)
+
+
+def load_hf(hf_dir: str, *, scan_layers: bool = False, **overrides):
+  """Reads an HF checkpoint folder into (ModelConfig, Transformer)."""
+  cfg, params = hf_to_params(*read_hf(hf_dir), scan_layers=scan_layers, **overrides)
+  return cfg, build_model(cfg, params)
+
+
+def save_hf(cfg: ModelConfig, params: dict, out_dir: str, *,
+            max_shard_size: int | str = "5GB") -> None:
+  """Writes our config + params as an HF folder that from_pretrained loads."""
+  write_hf(out_dir, *params_to_hf(cfg, params), max_shard_size=max_shard_size)
+
+
+def _tokenizer_file(folder: str) -> str | None:
+  """The sentencepiece model in `folder`: tokenizer.model, else the only *.model file."""
+  models = sorted(n for n in os.listdir(folder) if n.endswith(".model"))
+  return "tokenizer.model" if "tokenizer.model" in models else (
+      models[0] if len(models) == 1 else None)
+
+
+def save_ours(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: str | None = None):
+  """Writes our checkpoint folder (see MANIFEST); `tokenizer` is a file copied in as is."""
+  os.makedirs(out_dir, exist_ok=True)
+  flat = {"/".join(map(str, p)): np.ascontiguousarray(x) for p, x in _flatten(params).items()}
+  save_file(flat, os.path.join(out_dir, PARAMS_FILE))
+  name = None
+  if tokenizer:
+    name = os.path.basename(tokenizer)
+    shutil.copyfile(tokenizer, os.path.join(out_dir, name))
+  manifest = {"format": FORMAT, "model_config": dataclasses.asdict(cfg), "params": PARAMS_FILE,
+              "tokenizer": name}
+  with open(os.path.join(out_dir, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=2)
+
+
+def load_ours(ckpt_dir: str) -> tuple[ModelConfig, dict, str | None]:
+  """Reads our checkpoint folder: (ModelConfig, pure params dict, tokenizer path or None)."""
+  with open(os.path.join(ckpt_dir, MANIFEST)) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != FORMAT:
+    raise ConversionError(f"{ckpt_dir}/{MANIFEST} has format {manifest.get('format')!r}, "
+                          f"expected {FORMAT!r}")
+  cfg = ModelConfig(**manifest["model_config"])
+  flat = load_file(os.path.join(ckpt_dir, manifest["params"]))
+  # Integer path parts are layer indices (pure dicts key unscanned blocks by int).
+  params = _nest({tuple(int(s) if s.isdigit() else s for s in k.split("/")): x
+                  for k, x in flat.items()})
+  tok = manifest.get("tokenizer")
+  return cfg, params, os.path.join(ckpt_dir, tok) if tok else None
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m model.convert", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+  imp = sub.add_parser("import", help="HF safetensors folder -> our checkpoint folder")
+  imp.add_argument("--hf_dir", required=True)
+  imp.add_argument("--out", required=True)
+  imp.add_argument("--scan_layers", action="store_true", help="stack blocks for lax.scan")
+  imp.add_argument("--param_dtype", default="float32", help="float32 | bfloat16 | float16")
+  exp = sub.add_parser("export", help="our checkpoint folder -> HF safetensors folder")
+  exp.add_argument("--ckpt", required=True, help=f"folder with {MANIFEST} and {PARAMS_FILE}")
+  exp.add_argument("--out", required=True)
+  exp.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+  args = parser.parse_args(argv)
+  if args.command == "import":
+    cfg, params = hf_to_params(*read_hf(args.hf_dir), scan_layers=args.scan_layers,
+                               param_dtype=args.param_dtype)
+    tok = _tokenizer_file(args.hf_dir)
+    save_ours(args.out, cfg, params, tok and os.path.join(args.hf_dir, tok))
+  else:
+    cfg, params, tok = load_ours(args.ckpt)
+    save_hf(cfg, params, args.out, max_shard_size=args.max_shard_size)
+    if tok:
+      shutil.copyfile(tok, os.path.join(args.out, os.path.basename(tok)))
+  print(f"{args.command}: wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
