@@ -29,17 +29,16 @@ HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.saf
 MANIFEST, PARAMS_FILE, FORMAT = "fromscratch.json", "params.safetensors", "fromscratch-params/1"
 # Buffers some HF checkpoints carry that are not weights (GPT-2 causal masks, old RoPE caches).
 _BUFFERS = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
-_MISSING = object()
 
 
 class ConversionError(ValueError):
   """A checkpoint, config or params tree that cannot be converted; the message says which."""
 
 
-def _field(c: dict, name: str, default: Any = _MISSING):
-  if name in c and c[name] is not None:
+def _field(c: dict, name: str, default: Any = None):
+  if c.get(name) is not None:
     return c[name]
-  if default is _MISSING:
+  if default is None:
     raise ConversionError(f"config.json lacks the required field {name!r}")
   return default
 
@@ -241,11 +240,9 @@ def _scan(flat: dict[tuple, np.ndarray], n_layers: int) -> dict[tuple, np.ndarra
 
 def hf_to_params(hf_config: dict, tensors: dict[str, np.ndarray], *, scan_layers: bool = False,
                  **overrides) -> tuple[ModelConfig, dict]:
-  """HF config + tensors -> (ModelConfig, pure params dict of numpy arrays in param_dtype).
+  """HF config + tensors -> (ModelConfig, numpy params shaped like nnx.to_pure_dict(state)).
 
-  The dict has the structure of nnx.to_pure_dict(nnx.state(Transformer(cfg))); every HF tensor
-  is checked (missing, shape, unexpected) and all problems are reported in one error.
-  """
+  Every tensor is checked (missing, shape, unexpected); all problems come in one error."""
   cfg = hf_config_to_model(hf_config, scan_layers=scan_layers, **overrides)
   arch = _architecture(hf_config)
   # The original GPT-2 release stores keys without the 'transformer.' prefix.
@@ -304,15 +301,11 @@ def params_to_hf(cfg: ModelConfig, params: dict) -> tuple[dict, dict[str, np.nda
 
 def read_hf(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
   """config.json and every tensor of model.safetensors or of the shards its index names."""
-  path = os.path.join(hf_dir, HF_CONFIG)
+  path, index = os.path.join(hf_dir, HF_CONFIG), os.path.join(hf_dir, HF_INDEX)
   if not os.path.exists(path):
     raise ConversionError(f"{path} does not exist: not a Hugging Face checkpoint folder")
-  with open(path) as f:
-    hf_config = json.load(f)
-  index = os.path.join(hf_dir, HF_INDEX)
   if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    files = sorted(set(_read_json(index)["weight_map"].values()))
   elif os.path.exists(os.path.join(hf_dir, HF_WEIGHTS)):
     files = [HF_WEIGHTS]
   else:
@@ -321,33 +314,40 @@ def read_hf(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
   tensors = {}
   for name in files:
     tensors.update(load_file(os.path.join(hf_dir, name)))
-  return hf_config, tensors
+  return _read_json(path), tensors
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value):
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2)
 
 
 def parse_size(size: int | str) -> int:
   """Bytes from an int or a string like '500MB', '5GB' (decimal units, as transformers)."""
-  if isinstance(size, int):
-    return size
-  m = re.fullmatch(r"\s*(\d+)\s*([KMG]?B?)\s*", size.upper())
+  m = re.fullmatch(r"(\d+)([KMG]?)B?", str(size).strip().upper())
   if not m:
     raise ValueError(f"cannot parse size {size!r}; write e.g. 5GB, 500MB or a byte count")
-  return int(m.group(1)) * 1000 ** "BKMG".index((m.group(2) or "B")[0])
+  return int(m.group(1)) * 1000 ** " KMG".index(m.group(2) or " ")
 
 
 def write_hf(out_dir: str, hf_config: dict, tensors: dict[str, np.ndarray], *,
              max_shard_size: int | str = "5GB") -> list[str]:
   """Writes config.json and the weights, sharded with an index above `max_shard_size`.
 
-  Weight files a previous export left in out_dir are removed first: a stale index or shard
-  would be read by from_pretrained alongside the new ones. Returns the weight file names.
+  Weight files of an earlier export in out_dir are removed first: from_pretrained would read a
+  stale index or shard alongside the new ones. Returns the weight file names.
   """
   limit = parse_size(max_shard_size)
   os.makedirs(out_dir, exist_ok=True)
   for name in os.listdir(out_dir):
     if name == HF_INDEX or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", name):
       os.remove(os.path.join(out_dir, name))
-  with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
-    json.dump(hf_config, f, indent=2)
+  _write_json(os.path.join(out_dir, HF_CONFIG), hf_config)
   shards, size = [[]], 0
   for key, x in tensors.items():
     if shards[-1] and size + x.nbytes > limit:
@@ -355,20 +355,19 @@ def write_hf(out_dir: str, hf_config: dict, tensors: dict[str, np.ndarray], *,
     shards[-1].append(key)
     size += x.nbytes
   n = len(shards)
-  names = [HF_WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                                       for i in range(n)]
+  names = [HF_WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors"
+                                       for i in range(1, n + 1)]
   for name, keys in zip(names, shards):
     # transformers expects the 'format' metadata that torch's save_file writes.
     save_file({k: tensors[k] for k in keys}, os.path.join(out_dir, name), metadata={"format": "pt"})
   if n > 1:
-    index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
-             "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
-    with open(os.path.join(out_dir, HF_INDEX), "w") as f:
-      json.dump(index, f, indent=2)
+    _write_json(os.path.join(out_dir, HF_INDEX),
+                {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}})
   return names
 
 
-def build_model(cfg: ModelConfig, params: dict):
+def build_model(cfg: ModelConfig, params: dict) -> Transformer:
   """A Transformer of `cfg` holding `params` (a pure dict, e.g. from hf_to_params)."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
@@ -381,48 +380,35 @@ def load_hf(hf_dir: str, *, scan_layers: bool = False, **overrides):
   return cfg, build_model(cfg, params)
 
 
-def save_hf(cfg: ModelConfig, params: dict, out_dir: str, *,
-            max_shard_size: int | str = "5GB") -> None:
+def save_hf(cfg: ModelConfig, params: dict, out_dir: str, *, max_shard_size="5GB") -> None:
   """Writes our config + params as an HF folder that from_pretrained loads."""
   write_hf(out_dir, *params_to_hf(cfg, params), max_shard_size=max_shard_size)
-
-
-def _tokenizer_file(folder: str) -> str | None:
-  """The sentencepiece model in `folder`: tokenizer.model, else the only *.model file."""
-  models = sorted(n for n in os.listdir(folder) if n.endswith(".model"))
-  return "tokenizer.model" if "tokenizer.model" in models else (
-      models[0] if len(models) == 1 else None)
 
 
 def save_ours(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: str | None = None):
   """Writes our checkpoint folder (see MANIFEST); `tokenizer` is a file copied in as is."""
   os.makedirs(out_dir, exist_ok=True)
-  flat = {"/".join(map(str, p)): np.ascontiguousarray(x) for p, x in _flatten(params).items()}
-  save_file(flat, os.path.join(out_dir, PARAMS_FILE))
-  name = None
+  save_file({"/".join(map(str, p)): np.ascontiguousarray(x) for p, x in _flatten(params).items()},
+            os.path.join(out_dir, PARAMS_FILE))
   if tokenizer:
-    name = os.path.basename(tokenizer)
-    shutil.copyfile(tokenizer, os.path.join(out_dir, name))
-  manifest = {"format": FORMAT, "model_config": dataclasses.asdict(cfg), "params": PARAMS_FILE,
-              "tokenizer": name}
-  with open(os.path.join(out_dir, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=2)
+    shutil.copyfile(tokenizer, os.path.join(out_dir, os.path.basename(tokenizer)))
+  _write_json(os.path.join(out_dir, MANIFEST), {
+      "format": FORMAT, "model_config": dataclasses.asdict(cfg), "params": PARAMS_FILE,
+      "tokenizer": tokenizer and os.path.basename(tokenizer)})
 
 
 def load_ours(ckpt_dir: str) -> tuple[ModelConfig, dict, str | None]:
   """Reads our checkpoint folder: (ModelConfig, pure params dict, tokenizer path or None)."""
-  with open(os.path.join(ckpt_dir, MANIFEST)) as f:
-    manifest = json.load(f)
+  manifest = _read_json(os.path.join(ckpt_dir, MANIFEST))
   if manifest.get("format") != FORMAT:
     raise ConversionError(f"{ckpt_dir}/{MANIFEST} has format {manifest.get('format')!r}, "
                           f"expected {FORMAT!r}")
-  cfg = ModelConfig(**manifest["model_config"])
   flat = load_file(os.path.join(ckpt_dir, manifest["params"]))
   # Integer path parts are layer indices (pure dicts key unscanned blocks by int).
   params = _nest({tuple(int(s) if s.isdigit() else s for s in k.split("/")): x
                   for k, x in flat.items()})
   tok = manifest.get("tokenizer")
-  return cfg, params, os.path.join(ckpt_dir, tok) if tok else None
+  return ModelConfig(**manifest["model_config"]), params, tok and os.path.join(ckpt_dir, tok)
 
 
 def main(argv=None):
@@ -430,19 +416,20 @@ def main(argv=None):
   sub = parser.add_subparsers(dest="command", required=True)
   imp = sub.add_parser("import", help="HF safetensors folder -> our checkpoint folder")
   imp.add_argument("--hf_dir", required=True)
-  imp.add_argument("--out", required=True)
   imp.add_argument("--scan_layers", action="store_true", help="stack blocks for lax.scan")
   imp.add_argument("--param_dtype", default="float32", help="float32 | bfloat16 | float16")
   exp = sub.add_parser("export", help="our checkpoint folder -> HF safetensors folder")
   exp.add_argument("--ckpt", required=True, help=f"folder with {MANIFEST} and {PARAMS_FILE}")
-  exp.add_argument("--out", required=True)
   exp.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+  for p in (imp, exp):
+    p.add_argument("--out", required=True, help="folder to write")
   args = parser.parse_args(argv)
   if args.command == "import":
     cfg, params = hf_to_params(*read_hf(args.hf_dir), scan_layers=args.scan_layers,
                                param_dtype=args.param_dtype)
-    tok = _tokenizer_file(args.hf_dir)
-    save_ours(args.out, cfg, params, tok and os.path.join(args.hf_dir, tok))
+    # The sentencepiece model is the data package's business: carry the file, do not parse it.
+    tok = os.path.join(args.hf_dir, "tokenizer.model")
+    save_ours(args.out, cfg, params, tok if os.path.exists(tok) else None)
   else:
     cfg, params, tok = load_ours(args.ckpt)
     save_hf(cfg, params, args.out, max_shard_size=args.max_shard_size)

@@ -107,3 +107,21 @@ def test_cli_round_trip_is_lossless_and_copies_tokenizer(hf_dirs, tmp_path):
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
   assert (back / "tokenizer.model").read_bytes() == b"\x0a\x03spm-bytes"
   assert load_file(str(ours / "params.safetensors"))["embed/table_VxD"].shape == (VOCAB, 64)
+
+
+def test_original_gpt2_layout_and_bf16_checkpoints_convert(hf_dirs):
+  """The first GPT-2 release has no 'transformer.' prefix and stores causal-mask buffers;
+  bf16 checkpoints load into fp32 params exactly, or stay bf16 when asked."""
+  hf_config, tensors = convert.read_hf(hf_dirs["gpt2"][1])
+  _, want = convert.hf_to_params(hf_config, tensors)
+  legacy = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+  legacy.update({f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32))
+                 for i in range(2)})
+  _, got = convert.hf_to_params(hf_config, legacy)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  bf16 = {k: v.astype(jax.numpy.bfloat16) for k, v in tensors.items()}
+  cfg, up = convert.hf_to_params(hf_config, bf16)
+  assert cfg.param_dtype == "float32" and up["embed"]["table_VxD"].dtype == np.float32
+  np.testing.assert_array_equal(up["embed"]["table_VxD"], bf16["transformer.wte.weight"])
+  cfg, kept = convert.hf_to_params(hf_config, bf16, param_dtype="bfloat16")
+  assert kept["blocks"][1]["mlp"]["up"]["kernel"].dtype == jax.numpy.bfloat16
