@@ -1,0 +1,153 @@
+"""Every sharding layout trains exactly like one device, and places parameters as its rules say."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from model import axes
+from model.config import preset
+from model.transformer import Transformer
+from train import losses, optim, partitioning
+from train import step as steplib
+
+# Every split the layouts make divides this model: 8 query and 4 kv heads (GQA), d_model 64,
+# d_ff 128 and vocab 256 over fsdp 8, tensor 4 and fsdp x tensor 4 x 2.
+CFG = preset("tiny", n_heads=8, n_kv_heads=4, d_model=64, d_ff=128, vocab_size=256,
+             max_seq_len=16)
+BATCH, SEQ, STEPS = 16, 16, 5
+# Adam divides each gradient element by its own running scale, so an element whose gradient is
+# ~1e-9 (while its tensor's largest is ~1e-2) moves by about lr whatever its fp32 rounding:
+# with eps=1e-8 a legitimate 1e-7-relative difference in reduction order becomes a 1e-4 change
+# in such a parameter. eps 1e-3 keeps the update a smooth function of the gradient, so the
+# parameters after 5 steps are compared tightly. The gradient norm is ~0.8: clipping at 0.5
+# keeps the global-norm reduction (across every shard) on the path being tested.
+EPS = 1e-3
+CLIP = 0.5
+
+
+def batches():
+  """The same fixed random batches for every layout."""
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(STEPS):
+    toks = rng.integers(1, CFG.vocab_size, size=(BATCH, SEQ + 1)).astype(np.int32)
+    out.append({"inputs": toks[:, :-1], "targets": toks[:, 1:],
+                "segment_ids": np.ones((BATCH, SEQ), np.int32),
+                "positions": np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1)),
+                "loss_mask": np.ones((BATCH, SEQ), np.float32)})
+  return out
+
+
+def build(layout, devices, grad_accum=1):
+  """Mesh, sharded TrainState and jitted step, wired as train/loop.py's `build` does."""
+  mesh = partitioning.make_mesh(layout, devices)
+  rules = layout.rules
+  opt_cfg = optim.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=100, schedule="constant",
+                              eps=EPS, clip_norm=CLIP, grad_accum=grad_accum)
+  graphdef, params_state, param_shardings = partitioning.sharded_init(
+      lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh, rules)
+  params = nnx.to_pure_dict(params_state)
+  param_shardings = nnx.to_pure_dict(param_shardings)
+  optimizer = optim.make_optimizer(opt_cfg, params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shardings = steplib.TrainState(
+      step=replicated, params=param_shardings,
+      opt_state=partitioning.opt_state_shardings(jax.eval_shape(optimizer.init, params),
+                                                 param_shardings, mesh),
+      rng=replicated)
+  state = jax.jit(lambda p: steplib.init_state(p, optimizer, 0),
+                  out_shardings=state_shardings)(params)
+  batch_shardings = {k: partitioning.batch_sharding(mesh, rules) for k in batches()[0]}
+  step = steplib.jit_train_step(
+      state_shardings, batch_shardings, graphdef=graphdef, loss_fn=losses.lm_loss,
+      optimizer=optimizer, lr_schedule=optim.schedule(opt_cfg), grad_accum=grad_accum,
+      mesh=mesh, rules=rules)
+  return mesh, state, step
+
+
+def train(layout, devices, grad_accum=1):
+  mesh, state, step = build(layout, devices, grad_accum)
+  loss_history = []
+  for batch in batches():
+    state, metrics = step(state, partitioning.shard_batch(batch, mesh, layout.rules))
+    loss_history.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  return mesh, state, np.array(loss_history)
+
+
+@functools.lru_cache(maxsize=None)
+def one_device():
+  layout = partitioning.load_layout("dp")
+  _, state, loss_history = train(layout, jax.devices()[:1])
+  return jax.device_get(state.params), loss_history
+
+
+def logical_axes_by_path():
+  """Each parameter's logical axis names, keyed like the pure params dict."""
+  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0))))
+  names = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), abstract,
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return {jax.tree_util.keystr(p): n for p, n in
+          jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(names),
+                                              is_leaf=lambda x: isinstance(x, tuple))}
+
+
+CASES = {
+    # name: (layout, mesh size overrides, device count, grad_accum, expected mesh)
+    "dp8": ("dp", {}, 8, 1, {"data": 8, "fsdp": 1, "tensor": 1}),
+    "fsdp8": ("fsdp", {}, 8, 1, {"data": 1, "fsdp": 8, "tensor": 1}),
+    "tp4": ("tp", {}, 4, 1, {"data": 1, "fsdp": 1, "tensor": 4}),
+    "fsdp4_tp2": ("fsdp_tp", {"fsdp": 4, "tensor": 2}, 8, 1, {"data": 1, "fsdp": 4, "tensor": 2}),
+    # Two microbatches against one device's single batch: accumulation on the mesh is exact.
+    "dp2_fsdp2_tp2_accum2": ("dp_fsdp_tp", {}, 8, 2, {"data": 2, "fsdp": 2, "tensor": 2}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layout_trains_like_one_device(case):
+  name, sizes, n_devices, grad_accum, expected_mesh = CASES[case]
+  layout = partitioning.load_layout(name, sizes)
+  mesh, state, loss_history = train(layout, jax.devices()[:n_devices], grad_accum)
+  assert dict(mesh.shape) == expected_mesh
+
+  ref_params, ref_losses = one_device()
+  np.testing.assert_allclose(
+      loss_history, ref_losses, rtol=1e-5,
+      err_msg=f"{case}: the (loss, grad norm) of each step differ from one device's, so this "
+              "layout computes a different function (a sharding bug, not rounding)")
+  got = jax.device_get(state.params)
+  for (path, want), have in zip(jax.tree_util.tree_leaves_with_path(ref_params),
+                                jax.tree.leaves(got)):
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6,
+                               err_msg=f"{case}: {jax.tree_util.keystr(path)} after {STEPS} "
+                                       "steps differs from one device's")
+
+  # Every parameter's shards are what the layout's rules say, shard by shard.
+  rules = dict(layout.rules)
+  logical = logical_axes_by_path()
+  for path, arr in jax.tree_util.tree_leaves_with_path(state.params):
+    key = jax.tree_util.keystr(path)
+    spec = axes.logical_to_spec(logical[key], rules)
+    assert arr.sharding.spec == spec, (case, key, arr.sharding.spec, spec)
+    want_shape = tuple(
+        n // int(np.prod([mesh.shape[m] for m in partitioning._mesh_axes_of(entry)]))
+        for n, entry in zip(arr.shape, tuple(spec) + (None,) * (arr.ndim - len(spec))))
+    for shard in arr.addressable_shards:
+      assert shard.data.shape == want_shape, (case, key, shard.data.shape, want_shape)
+  assert len(state.params["blocks"][0]["attn"]["q"]["kernel"].addressable_shards) == n_devices
+
+
+def test_layouts_split_what_their_names_say():
+  """Hand-written expectations, so a rules file that stops sharding something fails here."""
+  q = (axes.EMBED, axes.HEADS, axes.HEAD_DIM)
+  P = jax.sharding.PartitionSpec
+  want = {"dp": P(None, None, None), "fsdp": P("fsdp", None, None),
+          "tp": P(None, "tensor", None), "fsdp_tp": P("fsdp", "tensor", None),
+          "dp_fsdp_tp": P("fsdp", "tensor", None)}
+  batch = {"dp": "data", "fsdp": "fsdp", "tp": None, "fsdp_tp": "fsdp",
+           "dp_fsdp_tp": ("data", "fsdp")}
+  for name in want:
+    rules = dict(partitioning.load_layout(name).rules)
+    assert axes.logical_to_spec(q, rules) == want[name], name
+    assert partitioning.batch_spec(rules) == P(batch[name], None), name
