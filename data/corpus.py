@@ -61,7 +61,7 @@ def build(cfg: DataConfig, workdir: str, *, progress: bool = True) -> tuple[Toke
       if not os.path.exists(os.path.join(d, META_FILE)):
         raise DataError(f"{d} holds no prepared shards ({META_FILE} missing); run "
                         f"`python -m data.prepare --out {cfg.path}` first")
-    tokenizer = load_tokenizer(os.path.join(cfg.path, "tokenizer"))
+    tokenizer = load_tokenizer(os.path.join(train_dir, "tokenizer"))  # prepare saves it there
     tokenizer.save(tok_dir)
     return tokenizer, train_dir, val_dir
 

@@ -116,20 +116,11 @@ def build(config, workdir: str) -> Run:
           + (f" times opt.grad_accum ({opt_cfg.grad_accum})" if name == "batch_size" else "")
           + f" and by the process count ({jax.process_count()})")
 
-  graphdef, params_state, param_shardings = partitioning.sharded_init(
-      lambda: Transformer(model_cfg, rngs=nnx.Rngs(train_cfg.seed)), mesh, rules)
-  params = nnx.to_pure_dict(params_state)
-  param_shardings = nnx.to_pure_dict(param_shardings)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  optimizer = optim.make_optimizer(opt_cfg, params)
-  abstract_opt = jax.eval_shape(optimizer.init, params)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_shardings = steplib.TrainState(
-      step=replicated, params=param_shardings,
-      opt_state=partitioning.opt_state_shardings(abstract_opt, param_shardings, mesh),
-      rng=replicated)
-  state = jax.jit(lambda p: steplib.init_state(p, optimizer, train_cfg.seed),
-                  out_shardings=state_shardings)(params)
+  graphdef, state, state_shardings, optimizer = steplib.init_sharded(
+      lambda: Transformer(model_cfg, rngs=nnx.Rngs(train_cfg.seed)), opt_cfg, mesh, rules,
+      train_cfg.seed)
+  param_shardings = state_shardings.params
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
   keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
   batch_shardings = {k: partitioning.batch_sharding(mesh, rules) for k in keys}
@@ -260,6 +251,7 @@ def train(config, workdir: str) -> dict:
       bar.update(1)
       timed_out = tc.max_seconds and time.perf_counter() - t_start > tc.max_seconds
       done = step >= tc.steps or timed_out or stop.received is not None
+      data_state = it.get_state()  # exactly `step` batches consumed: what a resume needs
       if not done:
         batch = partitioning.shard_batch(next(it), run.mesh, run.rules)
       if tc.eval_every and step % tc.eval_every == 0 and not done:
@@ -268,7 +260,7 @@ def train(config, workdir: str) -> dict:
         writer.text(step, "sample", sample_text(run, run.state.params, seed=step))
         bar.write(f"step {step}: val loss {ev['loss']:.4f}")
       if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or done:
-        checkpointer.save(step, run.state, it.get_state(), config.to_dict())
+        checkpointer.save(step, run.state, data_state, config.to_dict())
       if done:
         break
     if pending is not None:

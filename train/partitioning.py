@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from model import axes
 
@@ -69,11 +69,19 @@ def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> dict[str, in
 
 
 def make_mesh(layout: Layout, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The layout's mesh over `devices` (default: all), its -1 axis filled."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = resolve_mesh_shape(layout.mesh_shape, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+
+
+def abstract_mesh(layout: Layout, n_devices: int) -> AbstractMesh:
+  """The layout's mesh over `n_devices` that need not exist: for planning with eval_shape."""
+  sizes = resolve_mesh_shape(layout.mesh_shape, n_devices)
+  return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                      axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def _mesh_axes_of(value) -> tuple[str, ...]:
@@ -83,17 +91,23 @@ def _mesh_axes_of(value) -> tuple[str, ...]:
 
 
 def validate_rules(rules, mesh: Mesh) -> dict:
-  """Every rule names a known logical axis and existing mesh axes."""
-  rules = dict(rules)
-  for logical, mesh_axes in rules.items():
+  """Every rule names a known logical axis, once, and existing mesh axes, each at most once."""
+  seen = set()
+  for logical, mesh_axes in rules.items() if isinstance(rules, Mapping) else rules:
     if logical not in axes.LOGICAL_AXES:
       raise PartitionError(f"sharding rule names unknown logical axis {logical!r}; known axes: "
                            f"{', '.join(axes.LOGICAL_AXES)}")
-    for m in _mesh_axes_of(mesh_axes):
+    if logical in seen:
+      raise PartitionError(f"logical axis {logical!r} has two sharding rules; keep one")
+    seen.add(logical)
+    names = _mesh_axes_of(mesh_axes)
+    for m in names:
       if m not in mesh.shape:
         raise PartitionError(f"rule {logical!r} -> {mesh_axes!r} names mesh axis {m!r}, which "
                              f"is not in the mesh {dict(mesh.shape)}")
-  return rules
+    if len(set(names)) != len(names):
+      raise PartitionError(f"rule {logical!r} -> {mesh_axes!r} names a mesh axis twice")
+  return dict(rules)
 
 
 def logical_specs(abstract_state) -> object:
@@ -136,11 +150,11 @@ def param_specs(abstract_state, mesh: Mesh, rules) -> object:
 
   specs = jax.tree_util.tree_map_with_path(one, abstract_state,
                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
-  idle = [a for a, n in mesh.shape.items() if n > 1 and a not in used]
+  idle = {a: n for a, n in mesh.shape.items() if n > 1 and a not in used}
   if idle:
-    raise PartitionError(f"mesh axes {idle} have size > 1 but shard no parameter and not the "
-                         f"batch under these rules; their devices would hold duplicate work. "
-                         f"Give them size 1 or add a rule that uses them")
+    raise PartitionError(f"mesh axes {idle} (of mesh {dict(mesh.shape)}) shard no parameter and "
+                         f"not the batch under these rules; their devices would hold duplicate "
+                         f"work. Give them size 1 or add a rule that uses them")
   return specs
 
 
@@ -182,6 +196,16 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
 def batch_divisor(mesh: Mesh, rules) -> int:
   """How many ways the global batch is split across devices."""
   return math.prod(mesh.shape[m] for m in _mesh_axes_of(dict(rules).get(BATCH_AXIS)))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, rules, grad_accum: int = 1) -> None:
+  """The global batch splits evenly over the batch's mesh axes in every microbatch."""
+  split = batch_divisor(mesh, rules)
+  if batch_size % (split * grad_accum):
+    raise PartitionError(f"batch of {batch_size} rows does not split into {grad_accum} "
+                         f"microbatch(es) over the batch's mesh axes "
+                         f"{_mesh_axes_of(dict(rules).get(BATCH_AXIS))} of size {split}: it "
+                         f"must be a multiple of {split * grad_accum}")
 
 
 def sharded_init(make_model: Callable[[], nnx.Module], mesh: Mesh, rules):

@@ -10,6 +10,7 @@ import optax
 from flax import nnx, struct
 
 from model import axes
+from train import optim, partitioning
 
 # loss_fn(model, batch, rng or None) -> (loss_sum, count, metric sums)
 LossFn = Callable
@@ -31,6 +32,25 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
                     opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
 
 
+def init_sharded(make_model: Callable[[], nnx.Module], opt_cfg: optim.OptimConfig, mesh, rules,
+                 seed: int):
+  """A TrainState built directly into its shardings on `mesh`.
+
+  Returns (graphdef, state, state shardings, optimizer); params are a pure dict."""
+  graphdef, params_state, param_shardings = partitioning.sharded_init(make_model, mesh, rules)
+  params = nnx.to_pure_dict(params_state)
+  param_shardings = nnx.to_pure_dict(param_shardings)
+  optimizer = optim.make_optimizer(opt_cfg, params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract_opt = jax.eval_shape(optimizer.init, params)
+  shardings = TrainState(step=replicated, params=param_shardings,
+                         opt_state=partitioning.opt_state_shardings(abstract_opt,
+                                                                    param_shardings, mesh),
+                         rng=replicated)
+  state = jax.jit(lambda p: init_state(p, optimizer, seed), out_shardings=shardings)(params)
+  return graphdef, state, shardings, optimizer
+
+
 def _split_microbatches(batch, k: int):
   """[B, ...] -> [k, B/k, ...] taking every k-th row, so each microbatch draws rows from every
   device's shard of the batch (no resharding) and all k together are the whole batch."""
@@ -43,7 +63,7 @@ def _split_microbatches(batch, k: int):
   return jax.tree.map(one, batch)
 
 
-def _grads(graphdef, loss_fn, params, batch, rng, grad_accum: int):
+def compute_grads(graphdef, loss_fn, params, batch, rng, grad_accum: int):
   """Summed loss, count, metric sums and the gradient of the summed loss."""
 
   def objective(p, mb, r):
@@ -76,13 +96,13 @@ def train_step(state: TrainState, batch, *, graphdef, loss_fn: LossFn,
   """One optimizer update from one global batch (split into grad_accum microbatches)."""
   with (axes.axis_rules(mesh, rules) if mesh is not None else _nullcontext()):
     rng = jax.random.fold_in(state.rng, state.step)
-    loss_sum, count, metric_sums, grads = _grads(graphdef, loss_fn, state.params, batch, rng,
+    loss_sum, count, metric_sums, grads = compute_grads(graphdef, loss_fn, state.params, batch, rng,
                                                  grad_accum)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
              "lr": lr_schedule(state.step), "tokens": count}
   metrics.update({k: v / denom for k, v in metric_sums.items()})
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

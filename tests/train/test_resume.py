@@ -1,0 +1,106 @@
+"""Exact resume: a run stopped by SIGTERM, or killed with -9 after a checkpoint, and resumed
+has bitwise the losses and final parameters of an uninterrupted run (CPU)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from data import corpus
+from train.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """Token shards made once, shared by every run (so runs differ only in interruption)."""
+  root = tmp_path_factory.mktemp("prepared")
+  corpus.build(corpus.DataConfig(vocab_size=512, seq_len=32), str(root), progress=False)
+  return str(root / "data")
+
+
+def start(workdir, prepared):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  cmd = [sys.executable, "-m", "train.main", "--config=configs/experiments/tiny_test.py",
+         f"--workdir={workdir}", "--config.data.corpus=shards", f"--config.data.path={prepared}",
+         f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=10",
+         "--config.train.keep_checkpoints=2"]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=240):
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def losses_by_step(workdir):
+  """The last logged training loss of each step (a resumed run re-logs the steps it redid)."""
+  return {r["step"]: r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+          if r["split"] == "train"}
+
+
+def final_params(workdir):
+  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(STEPS),
+                                                          "state"))
+  return state["params"]
+
+
+def wait_for(predicate, proc, timeout=180):
+  t0 = time.time()
+  while not predicate():
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    assert time.time() - t0 < timeout, "timed out waiting for the run"
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  finish(start(workdir, prepared))
+  return losses_by_step(workdir), final_params(workdir)
+
+
+def assert_same_run(workdir, reference):
+  want_losses, want_params = reference
+  got = losses_by_step(workdir)
+  assert sorted(got) == sorted(want_losses) == list(range(1, STEPS + 1))
+  diff = [s for s in got if got[s] != want_losses[s]]
+  assert not diff, f"losses differ at steps {diff[:5]}: resume is not exact"
+  import jax
+  jax.tree.map(np.testing.assert_array_equal, final_params(workdir), want_params)
+
+
+def test_sigterm_saves_and_resumes_exactly(prepared, reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = start(workdir, prepared)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  wait_for(lambda: os.path.exists(metrics) and len(read_metrics(metrics)) >= 15, proc)
+  proc.send_signal(signal.SIGTERM)
+  out = finish(proc)
+  assert "received signal" in out, out[-2000:]
+  stopped = max(losses_by_step(workdir))
+  assert stopped < STEPS, "the signal arrived after the run had finished"
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped))), \
+      "SIGTERM must checkpoint the step it stopped at"
+  out = finish(start(workdir, prepared))
+  assert f"resumed from step {stopped}" in out
+  assert_same_run(workdir, reference)
+
+
+def test_kill_9_after_checkpoint_resumes_exactly(prepared, reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = start(workdir, prepared)
+  wait_for(lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "20")), proc)
+  proc.kill()
+  proc.wait()
+  out = finish(start(workdir, prepared))
+  assert "resumed from step" in out
+  assert_same_run(workdir, reference)

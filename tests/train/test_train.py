@@ -1,0 +1,157 @@
+"""The train step: overfitting, gradient accumulation, optimizer details, checkpoint restore
+onto another layout."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from model.config import preset
+from model.transformer import Transformer
+from train import checkpoint as ckpt
+from train import losses, optim, partitioning
+from train import step as steplib
+
+CFG = preset("tiny", vocab_size=64, max_seq_len=16)
+
+
+def make_batch(b, l=16, seed=0, vocab=64):
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(1, vocab, size=(b, l + 1)).astype(np.int32)
+  return {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+          "segment_ids": np.ones((b, l), np.int32),
+          "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)),
+          "loss_mask": np.ones((b, l), np.float32)}
+
+
+def setup(layout="dp", devices=None, opt_cfg=None, grad_accum=1, cfg=CFG, **mesh_sizes):
+  layout = partitioning.load_layout(layout, mesh_sizes)
+  mesh = partitioning.make_mesh(layout, devices)
+  opt_cfg = opt_cfg or optim.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=100,
+                                         schedule="constant", grad_accum=grad_accum)
+  graphdef, state, shardings, optimizer = steplib.init_sharded(
+      lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, layout.rules, seed=0)
+  batch_sh = {k: partitioning.batch_sharding(mesh, layout.rules) for k in make_batch(1)}
+  step = steplib.jit_train_step(shardings, batch_sh, graphdef=graphdef, loss_fn=losses.lm_loss,
+                                optimizer=optimizer, lr_schedule=optim.schedule(opt_cfg),
+                                grad_accum=opt_cfg.grad_accum, mesh=mesh, rules=layout.rules)
+  put = lambda b: partitioning.shard_batch(b, mesh, layout.rules)
+  return state, step, put, shardings
+
+
+def test_tiny_model_overfits_one_batch():
+  state, step, put, _ = setup(devices=jax.devices()[:1])
+  batch = put(make_batch(4))
+  first = None
+  for _ in range(150):
+    state, m = step(state, batch)
+    first = float(m["loss"]) if first is None else first
+  assert first > 3.5, "a fresh model should be near log(64) = 4.16"
+  assert float(m["loss"]) < 0.05, f"could not overfit one batch: loss {float(m['loss'])}"
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  """4 microbatches of 2 rows vs one batch of 8: the same summed loss, count and gradient
+  (fp32 tolerance), and the same losses over several AdamW steps.
+
+  Parameters after AdamW steps are not compared element-wise: Adam divides by sqrt(v), which
+  turns fp32 rounding in near-zero gradients into visible differences by design."""
+  big = make_batch(8, seed=1)
+  state, _, put, _ = setup(devices=jax.devices()[:1])
+  graphdef = nnx.graphdef(Transformer(CFG, rngs=nnx.Rngs(0)))
+  rng = jax.random.PRNGKey(0)
+  one = steplib.compute_grads(graphdef, losses.lm_loss, state.params, put(big), rng, 1)
+  four = steplib.compute_grads(graphdef, losses.lm_loss, state.params, put(big), rng, 4)
+  np.testing.assert_allclose(four[0], one[0], rtol=1e-6)
+  assert float(four[1]) == float(one[1]) == 8 * 16
+  # fp32 tolerance relative to each tensor's scale: entries are sums over 128 tokens.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5 * float(np.abs(b).max())),
+               four[3], one[3])
+
+  s1, step1, put1, _ = setup(devices=jax.devices()[:1])
+  s4, step4, put4, _ = setup(devices=jax.devices()[:1], grad_accum=4)
+  for i in range(3):
+    s1, m1 = step1(s1, put1(make_batch(8, seed=20 + i)))
+    s4, m4 = step4(s4, put4(make_batch(8, seed=20 + i)))
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+
+
+def test_accumulated_loss_weights_tokens_not_microbatches():
+  """With uneven loss masks, the mean is over all tokens (sums and counts), not a mean of
+  microbatch means."""
+  big = make_batch(8, seed=2)
+  big["loss_mask"][::2, 8:] = 0.0  # rows 0, 2, 4, 6 count half their tokens
+  s1, step1, put1, _ = setup(devices=jax.devices()[:1])
+  s2, step2, put2, _ = setup(devices=jax.devices()[:1], grad_accum=2)
+  _, m1 = step1(s1, put1(big))
+  _, m2 = step2(s2, put2(big))
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+  assert float(m1["tokens"]) == 8 * 16 - 4 * 8
+
+
+def test_cross_entropy_matches_numpy():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, size=(2, 5))
+  weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
+  loss_sum, count, _ = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
+                                            jnp.asarray(weights), z_loss=1e-2)
+  logz = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+  nll = logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(loss_sum, ((nll + 1e-2 * logz ** 2) * weights).sum(), rtol=1e-5)
+  assert float(count) == weights.sum()
+
+
+def test_schedule_is_nanogpt_formula():
+  cfg = optim.OptimConfig(lr=1e-3, final_lr=1e-4, warmup_steps=100, total_steps=2000)
+  lr = optim.schedule(cfg)
+
+  def nanogpt(it):  # nanoGPT train.py get_lr
+    if it < 100:
+      return 1e-3 * (it + 1) / 101
+    ratio = (it - 100) / 1900
+    return 1e-4 + 0.5 * (1.0 + np.cos(np.pi * ratio)) * (1e-3 - 1e-4)
+
+  for it in (0, 1, 50, 99, 100, 101, 1000, 1999, 2000):
+    np.testing.assert_allclose(float(lr(it)), nanogpt(it), rtol=1e-5)
+
+
+def test_weight_decay_mask():
+  params = nnx.to_pure_dict(nnx.state(Transformer(preset("tiny_gpt2"), rngs=nnx.Rngs(0))))
+  mask = optim.decay_mask(params, decay_embeddings=False)
+  assert mask["blocks"][0]["attn"]["q"]["kernel"] is True
+  assert mask["blocks"][0]["attn"]["q"]["bias"] is False
+  assert mask["blocks"][0]["attn_norm"]["scale"] is False
+  assert mask["embed"]["table_VxD"] is False and mask["pos_embed_SxD"] is False
+  assert optim.decay_mask(params, decay_embeddings=True)["embed"]["table_VxD"] is True
+
+
+def test_checkpoint_from_one_device_restores_onto_fsdp8(tmp_path):
+  """Train 3 steps on 1 device, save; restore onto 8 devices under FSDP: the next loss
+  matches the 1-device run's next loss."""
+  batches = [make_batch(8, seed=10 + i) for i in range(4)]
+  state, step, put, _ = setup(devices=jax.devices()[:1])
+  for b in batches[:3]:
+    state, _ = step(state, put(b))
+  saver = ckpt.Checkpointer(str(tmp_path / "ck"), async_save=False)
+  saver.save(3, state, {"grain": 3, "config": {}}, {"note": "test"})
+  saver.close()
+  _, want = step(state, put(batches[3]))
+
+  fresh, step8, put8, shardings8 = setup("fsdp")
+  restored, data_state = ckpt.Checkpointer(str(tmp_path / "ck")).restore(
+      3, ckpt.abstract_like(fresh, shardings8))
+  assert data_state["grain"] == 3
+  kernel = restored.params["blocks"][0]["mlp"]["up"]["kernel"]
+  assert len(kernel.sharding.device_set) == 8
+  assert kernel.addressable_shards[0].data.shape == (64 // 8, 128)
+  mu = restored.opt_state[1][0].mu["blocks"][0]["mlp"]["up"]["kernel"]
+  assert mu.addressable_shards[0].data.shape == (64 // 8, 128), "moments follow their params"
+  assert int(restored.step) == 3
+  _, got = step8(restored, put8(batches[3]))
+  np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
