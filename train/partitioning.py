@@ -125,7 +125,9 @@ def spec_for(path: str, logical: Sequence[str | None], shape: Sequence[int], rul
     for m in mesh_axes:
       if m in used:
         raise PartitionError(f"parameter {path} {tuple(shape)} with axes {tuple(logical)}: dims "
-                             f"{used[m]} and {dim} both map to mesh axis {m!r}")
+                             f"{used[m]} ({logical[used[m]]!r}) and {dim} ({name!r}) both map "
+                             f"to mesh axis {m!r} (size {mesh.shape[m]}); a mesh axis can "
+                             f"split only one dim of a tensor")
       used[m] = dim
     n = math.prod(mesh.shape[m] for m in mesh_axes) if mesh_axes else 1
     if size % n:
