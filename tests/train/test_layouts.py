@@ -67,6 +67,14 @@ def build(layout, devices, grad_accum=1):
   return mesh, state, step
 
 
+@functools.lru_cache(maxsize=None)
+def trained(case):
+  """(layout, mesh, final state, per-step (loss, grad norm)) of a CASES entry, built once."""
+  name, sizes, n_devices, grad_accum, _ = CASES[case]
+  layout = partitioning.load_layout(name, sizes)
+  return (layout,) + train(layout, jax.devices()[:n_devices], grad_accum)
+
+
 def train(layout, devices, grad_accum=1):
   mesh, state, step = build(layout, devices, grad_accum)
   loss_history = []
@@ -106,9 +114,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_trains_like_one_device(case):
-  name, sizes, n_devices, grad_accum, expected_mesh = CASES[case]
-  layout = partitioning.load_layout(name, sizes)
-  mesh, state, loss_history = train(layout, jax.devices()[:n_devices], grad_accum)
+  n_devices, expected_mesh = CASES[case][2], CASES[case][4]
+  layout, mesh, state, loss_history = trained(case)
   assert dict(mesh.shape) == expected_mesh
 
   ref_params, ref_losses = one_device()
