@@ -1,4 +1,5 @@
-"""Tensor parallel (Megatron style): heads, MLP width and vocab split over `tensor`."""
+"""Tensor parallel (Megatron style): heads, MLP width and vocab split over `tensor`; every
+device sees the whole batch (no activation_batch rule)."""
 MESH = {"data": 1, "fsdp": 1, "tensor": -1}
 RULES = (
     ("heads", "tensor"),
