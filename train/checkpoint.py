@@ -99,3 +99,22 @@ class StopSignal:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     return False
+
+
+def load_for_inference(workdir: str, tokenizer, step: int | None = None):
+  """(ModelConfig, the config's data section, params) from a run's checkpoint, for sampling
+  or export; the optimizer state is read but dropped."""
+  from model.config import ModelConfig
+
+  directory = os.path.join(workdir, "checkpoints")
+  manager = Checkpointer(directory, async_save=False)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {directory}; train first with "
+                            f"python -m train.main --workdir={workdir}")
+  config = manager.restore_config(step)
+  manager.close()
+  model_fields = dict(config["model"])
+  model_fields["vocab_size"] = model_fields.get("vocab_size") or tokenizer.vocab_size
+  state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+  return ModelConfig(**model_fields), config.get("data", {}), state["params"]
