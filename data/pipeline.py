@@ -123,20 +123,23 @@ def shuffled_batches(
     shuffle: bool = True,
     config: dict[str, Any] | None = None,
 ) -> BatchIterator:
-    """Rows 0..num_rows-1 → per-epoch seeded shuffle → host shard → batches → epochs.
+    """Rows 0..num_rows-1 → per-epoch seeded shuffle → global batches → this host's block → epochs.
 
-    Every host gets the same number of batches per epoch (rows are cut to a multiple of
-    process_count first), so multi-host steps stay in lockstep; a partial last batch is dropped.
+    A global batch is batch_size * process_count consecutive shuffled rows and host p reads
+    block p of it, so the hosts' batches concatenated in host order are exactly the batch one
+    process would read (what jax.make_array_from_process_local_data assembles when host p's
+    devices hold rows p*batch_size onward). Every host gets the same number of batches per
+    epoch, so multi-host steps stay in lockstep; a partial last global batch is dropped.
     """
     p, n_proc = _process(process_index, process_count)
-    usable = num_rows - num_rows % n_proc
-    if usable // n_proc < batch_size:
+    steps = num_rows // (batch_size * n_proc)
+    if steps == 0:
         raise DataError(f"{num_rows} rows cannot fill one batch of {batch_size} on each of {n_proc} hosts")
     ds = grain.MapDataset.range(num_rows)
     if shuffle:
         # grain's shuffle reseeds itself per epoch from the index, so epochs differ deterministically.
         ds = ds.shuffle(seed=seed)
-    ds = ds[:usable][p::n_proc].batch(batch_size, drop_remainder=True).map(make_batch)
+    ds = ds[: steps * batch_size * n_proc].batch(batch_size, drop_remainder=True)[p::n_proc].map(make_batch)
     steps = len(ds)
     ds = ds.repeat(num_epochs)
     config = dict(config or {}, num_rows=num_rows, batch_size=batch_size, seed=seed, shuffle=shuffle,
@@ -184,15 +187,14 @@ def eval_batches(
     """Every row of a split once, in order (the tail as a partial row); the last batch is padded.
 
     Padding rows have segment_ids 0 and loss_mask 0, so summed losses over the batches are exact.
-    With several hosts each takes rows r % process_count == process_index, and all hosts yield
-    the same number of batches.
+    With several hosts, global batch k is rows k*G..(k+1)*G-1 (G = batch_size * process_count)
+    and host p takes block p of it, as in shuffled_batches; all hosts yield the same number of
+    batches.
     """
     shards = TokenShards(shard_dir)
     num_rows = math.ceil(shards.num_tokens / (seq_len + 1))
-    mine = np.arange(process_index, num_rows, process_count)
-    num_batches = math.ceil(math.ceil(num_rows / process_count) / batch_size)
-    rows = np.full(num_batches * batch_size, -1, dtype=np.int64)
-    rows[: len(mine)] = mine
+    global_batch = batch_size * process_count
     pad_id = shards.meta["pad_id"]
-    for k in range(num_batches):
-        yield pack_rows(shards, rows[k * batch_size : (k + 1) * batch_size], seq_len, pad_id)
+    for k in range(math.ceil(num_rows / global_batch)):
+        rows = k * global_batch + process_index * batch_size + np.arange(batch_size)
+        yield pack_rows(shards, np.where(rows < num_rows, rows, -1), seq_len, pad_id)
