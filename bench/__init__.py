@@ -1,0 +1,1 @@
+"""Benchmarks that print comparable figures; results go in docs/benchmarks.md."""
