@@ -63,4 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.tensorboard = True  # write TensorBoard scalars under workdir/tensorboard
   c.train.progress = True  # show a progress bar
   c.train.xla_cpu_flags = True  # tuned XLA:CPU flags (train/main.py); off: XLA defaults
+
+  c.distributed = ml_collections.ConfigDict()  # docs/multihost.md; read by train/distributed.py
+  c.distributed.coordinator = ""  # process 0's host:port; "": the launcher's env if any; "off": one
+  c.distributed.num_processes = 0  # processes in the job; 0: from the launcher's environment
+  c.distributed.process_id = -1  # this process's index; -1: from the launcher's environment
+  c.distributed.local_device_count = 0  # CPU only: simulated devices per process; 0: XLA's default
+  c.distributed.timeout_seconds = 300  # how long to wait for every process to join
   return c

@@ -16,6 +16,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  from train import distributed
+  # Before JAX starts: device counts and jax.distributed must be set up first.
+  print("jax.distributed:", distributed.initialize(_CONFIG.value.get("distributed")))
   from train import loop  # after flags: JAX starts here, with XLA_FLAGS already set
   summary = loop.train(_CONFIG.value, _WORKDIR.value)
   for key in ("sample_before", "sample_after"):
