@@ -20,7 +20,7 @@ from model.config import ModelConfig
 from model.sampling import Sampler, SamplingConfig, left_pad
 from model.transformer import Transformer
 from train import checkpoint as ckpt
-from train import losses, metrics, optim, partitioning
+from train import distributed, losses, metrics, optim, partitioning
 from train import step as steplib
 
 
@@ -86,7 +86,8 @@ def build(config, workdir: str) -> Run:
   os.makedirs(workdir, exist_ok=True)
   train_cfg = section(TrainConfig, config.train, "train")
   data_cfg = section(corpus.DataConfig, config.data, "data")
-  tokenizer, train_dir, val_dir = corpus.build(data_cfg, workdir, progress=train_cfg.progress)
+  tokenizer, train_dir, val_dir = distributed.primary_first(  # one process writes the shared data
+      lambda: corpus.build(data_cfg, workdir, progress=train_cfg.progress))
   model_fields = dict(config.model)
   if model_fields.get("vocab_size", 0) == 0:
     model_fields["vocab_size"] = tokenizer.vocab_size
@@ -138,9 +139,11 @@ def build(config, workdir: str) -> Run:
 def evaluate(run: Run, params, max_batches: int = 0) -> dict:
   """Loss and perplexity over the validation split (all of it when max_batches is 0)."""
   totals: dict[str, float] = {}
+  block, blocks = distributed.batch_block(run.batch_shardings["inputs"],
+                                          run.data_cfg.eval_batch_size)
   batches = eval_batches(run.val_dir, seq_len=run.data_cfg.seq_len,
-                         batch_size=run.data_cfg.eval_batch_size // jax.process_count(),
-                         process_index=jax.process_index(), process_count=jax.process_count())
+                         batch_size=run.data_cfg.eval_batch_size // blocks,
+                         process_index=block, process_count=blocks)
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
@@ -194,9 +197,12 @@ def train(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=1))
   checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints,
                                    tc.async_checkpoints)
+  # Each process reads the rows of every global batch that its devices hold.
+  block, blocks = distributed.batch_block(run.batch_shardings["inputs"], run.data_cfg.batch_size)
   it = pretrain_iterator(run.train_dir, seq_len=run.data_cfg.seq_len,
-                         batch_size=run.data_cfg.batch_size // jax.process_count(),
-                         seed=run.data_cfg.seed, worker_count=run.data_cfg.worker_count)
+                         batch_size=run.data_cfg.batch_size // blocks, seed=run.data_cfg.seed,
+                         process_index=block, process_count=blocks,
+                         worker_count=run.data_cfg.worker_count)
   start = checkpointer.latest_step() or 0
   if start:
     abstract = ckpt.abstract_like(run.state, run.state_shardings)
@@ -234,6 +240,7 @@ def train(config, workdir: str) -> dict:
   t_start = time.perf_counter()
   stop = ckpt.StopSignal()
   step = start
+  signalled = False
   with stop:
     while step < tc.steps:
       run.state, m = compiled(run.state, batch)
@@ -250,7 +257,10 @@ def train(config, workdir: str) -> dict:
       pending = (step, m)
       bar.update(1)
       timed_out = tc.max_seconds and time.perf_counter() - t_start > tc.max_seconds
-      done = step >= tc.steps or timed_out or stop.received is not None
+      # Processes see signals and clocks apart; all must stop at the same step.
+      signalled, timed_out = distributed.any_process((stop.received is not None, timed_out),
+                                                     step, tc.log_every)
+      done = step >= tc.steps or timed_out or signalled
       data_state = it.get_state()  # exactly `step` batches consumed: what a resume needs
       if not done:
         batch = partitioning.shard_batch(next(it), run.mesh, run.rules)
@@ -270,8 +280,9 @@ def train(config, workdir: str) -> dict:
   summary.update(final_step=step, train_loss=last.get("loss"),
                  tokens_per_s=last.get("tokens_per_s"), mfu=last.get("mfu"),
                  stopped_by_signal=stop.received, train_seconds=time.perf_counter() - t_start)
-  if stop.received is not None:
-    print(f"received signal {stop.received}: saved a checkpoint at step {step}; run again to resume")
+  if signalled:
+    print(f"received signal {stop.received or 'in another process'}: saved a checkpoint at step "
+          f"{step}; run again to resume")
     writer.close()
     it.close()
     return summary
