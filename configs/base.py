@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.add_eos = True  # append EOS to every document
   c.data.seed = 0  # shuffling seed
   c.data.worker_count = 0  # grain worker processes (0: load in the training process)
+  c.data.window_stride = 0  # tokens between training rows; 0: seq_len+1 (no overlap), 1: all
 
   c.opt = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig()))  # train/optim.py
   c.opt.total_steps = 0  # schedule length; 0 means train.steps

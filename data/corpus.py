@@ -28,6 +28,7 @@ class DataConfig:
   add_eos: bool = True
   seed: int = 0
   worker_count: int = 0
+  window_stride: int = 0
 
   def __post_init__(self):
     if self.corpus not in CORPORA:

@@ -28,21 +28,25 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return process_index, process_count
 
 
-def pack_rows(shards: TokenShards, rows_B: np.ndarray, seq_len: int, pad_id: int) -> Batch:
-    """Row r is stream[r*(L+1):(r+1)*(L+1)]; rows past the end (or r < 0) come back as padding.
+def pack_rows(shards: TokenShards, rows_B: np.ndarray, seq_len: int, pad_id: int,
+              stride: int | None = None) -> Batch:
+    """Row r is stream[r*S : r*S + L+1] with stride S (default L+1: rows do not overlap; a
+    smaller S makes overlapping windows, S=1 every offset, as nanoGPT samples); rows past the
+    end (or r < 0) come back as padding.
 
     Segment ids number the document pieces of a row from 1 and positions restart at every
     document start and every row start, so attention and RoPE never see another document;
     loss_mask is 1 only where input and target belong to the same document.
     """
     L1 = seq_len + 1
+    stride = L1 if stride is None else stride
     rows_B = np.asarray(rows_B, dtype=np.int64)
     tokens_BxL1 = np.full((len(rows_B), L1), pad_id, dtype=np.int32)
     for b, r in enumerate(rows_B):
         if r >= 0:
-            piece = shards.read(int(r) * L1, (int(r) + 1) * L1)
+            piece = shards.read(int(r) * stride, int(r) * stride + L1)
             tokens_BxL1[b, : len(piece)] = piece
-    pos_BxL1 = rows_B[:, None] * L1 + np.arange(L1)
+    pos_BxL1 = rows_B[:, None] * stride + np.arange(L1)
     valid_BxL1 = (rows_B[:, None] >= 0) & (pos_BxL1 < shards.num_tokens)
     starts = shards.doc_starts
     doc_BxL1 = np.searchsorted(starts, pos_BxL1, side="right") - 1
@@ -62,11 +66,12 @@ def pack_rows(shards: TokenShards, rows_B: np.ndarray, seq_len: int, pad_id: int
 class _PackRows:
     """Picklable batch maker so grain worker processes can run it."""
 
-    def __init__(self, shards: TokenShards, seq_len: int):
+    def __init__(self, shards: TokenShards, seq_len: int, stride: int):
         self.shards, self.seq_len, self.pad_id = shards, seq_len, shards.meta["pad_id"]
+        self.stride = stride
 
     def __call__(self, rows_B: np.ndarray) -> Batch:
-        return pack_rows(self.shards, rows_B, self.seq_len, self.pad_id)
+        return pack_rows(self.shards, rows_B, self.seq_len, self.pad_id, self.stride)
 
 
 class BatchIterator:
@@ -157,6 +162,7 @@ def pretrain_iterator(
     process_count: int | None = None,
     worker_count: int = 0,
     num_epochs: int | None = None,
+    window_stride: int = 0,
 ) -> BatchIterator:
     """Packed pretraining batches (keys BATCH_KEYS, each (batch_size, seq_len)) from prepared shards.
 
@@ -165,15 +171,20 @@ def pretrain_iterator(
       process_index, process_count: this host's slice; default jax.process_index()/process_count().
       worker_count: grain worker processes prefetching batches (0: in this process).
       num_epochs: None repeats forever; each epoch is reshuffled.
+      window_stride: tokens between row starts; 0 means seq_len + 1 (rows do not overlap),
+        1 makes every offset a row (nanoGPT's random windows, without replacement per epoch).
     """
     shards = TokenShards(shard_dir)
-    num_rows = shards.num_tokens // (seq_len + 1)
+    stride = window_stride or seq_len + 1
+    if not 0 < stride <= seq_len + 1:
+        raise DataError(f"window_stride must be in [1, seq_len + 1 = {seq_len + 1}], got {window_stride}")
+    num_rows = max(shards.num_tokens - (seq_len + 1), -1) // stride + 1
     if num_rows == 0:
         raise DataError(f"{shard_dir}: {shards.num_tokens} tokens are fewer than one row of {seq_len + 1}")
     return shuffled_batches(
-        num_rows, _PackRows(shards, seq_len), batch_size=batch_size, seed=seed,
+        num_rows, _PackRows(shards, seq_len, stride), batch_size=batch_size, seed=seed,
         process_index=process_index, process_count=process_count, worker_count=worker_count,
-        num_epochs=num_epochs, config={"kind": "pretrain", "seq_len": seq_len})
+        num_epochs=num_epochs, config={"kind": "pretrain", "seq_len": seq_len, "window_stride": stride})
 
 
 def eval_batches(

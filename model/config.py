@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "gelu_exact", "swiglu")
 REMATS = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -28,7 +28,7 @@ class ModelConfig:
   norm_eps: float = 1e-5  # epsilon inside the norms
   position: str = "rope"  # learned | rope
   rope_theta: float = 10000.0  # RoPE base frequency
-  mlp: str = "swiglu"  # gelu | swiglu
+  mlp: str = "swiglu"  # gelu (tanh approximation, GPT-2) | gelu_exact (erf) | swiglu
   use_bias: bool = False  # biases in dense layers and layernorm (GPT-2 has them)
   tie_embeddings: bool = False  # LM head reuses the token embedding
   dropout: float = 0.0  # residual and embedding dropout rate while training

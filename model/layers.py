@@ -99,7 +99,7 @@ class Norm(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """GELU MLP (GPT-2) or SwiGLU MLP (LLaMA)."""
+  """GELU MLP (GPT-2's tanh approximation, or exact erf as torch's nn.GELU) or SwiGLU (LLaMA)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.kind = cfg.mlp
@@ -114,6 +114,6 @@ class MLP(nnx.Module):
     if self.kind == "swiglu":
       h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
     else:
-      h_BxLxF = jax.nn.gelu(self.up(x_BxLxD), approximate=True)
+      h_BxLxF = jax.nn.gelu(self.up(x_BxLxD), approximate=self.kind == "gelu")
     h_BxLxF = axes.constrain(h_BxLxF, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
     return self.down(h_BxLxF)

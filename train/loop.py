@@ -202,7 +202,8 @@ def train(config, workdir: str) -> dict:
   it = pretrain_iterator(run.train_dir, seq_len=run.data_cfg.seq_len,
                          batch_size=run.data_cfg.batch_size // blocks, seed=run.data_cfg.seed,
                          process_index=block, process_count=blocks,
-                         worker_count=run.data_cfg.worker_count)
+                         worker_count=run.data_cfg.worker_count,
+                         window_stride=run.data_cfg.window_stride)
   start = checkpointer.latest_step() or 0
   if start:
     abstract = ckpt.abstract_like(run.state, run.state_shardings)

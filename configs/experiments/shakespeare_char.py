@@ -4,15 +4,16 @@ from configs import base
 
 def get_config():
   c = base.get_config()
-  # nanoGPT's GPT: LayerNorm and Linear without bias, learned positions, GELU, tied.
+  # nanoGPT's GPT: LayerNorm and Linear without bias, learned positions, exact GELU, tied.
   c.model = base.model_config("tiny_gpt2", vocab_size=0, d_model=128, n_layers=4, n_heads=4,
                               n_kv_heads=4, d_ff=512, max_seq_len=64, use_bias=False,
-                              dropout=0.0)
+                              dropout=0.0, mlp="gelu_exact")  # torch nn.GELU() is exact
   c.data.corpus = "text"  # data.path, default ../shared/data/tinyshakespeare/input.txt
   c.data.tokenizer = "char"
   c.data.add_bos = False  # one continuous character stream, as nanoGPT's train.bin
   c.data.add_eos = False
   c.data.seq_len = 64
+  c.data.window_stride = 1  # every offset is a row: nanoGPT samples random windows
   c.data.batch_size = 12
   c.data.eval_batch_size = 96
   c.opt.lr = 1e-3

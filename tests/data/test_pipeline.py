@@ -28,10 +28,13 @@ def corpus(tmp_path_factory):
     return out, tok, stream
 
 
-def reference_rows(stream, seq_len, pad_id):
-    """Packs the stream with a plain loop: row r is tokens r*(L+1) .. r*(L+1)+L."""
+def reference_rows(stream, seq_len, pad_id, stride=None):
+    """Packs the stream with a plain loop: row r is tokens r*(L+1) .. r*(L+1)+L; with a stride,
+    the full windows starting at 0, stride, 2*stride, ..."""
     rows = []
-    for start in range(0, len(stream), seq_len + 1):
+    starts = (range(0, len(stream), seq_len + 1) if stride is None
+              else range(0, len(stream) - seq_len, stride))
+    for start in starts:
         window = stream[start : start + seq_len + 1]
         row = {k: [] for k in pipeline.BATCH_KEYS}
         seg, pos, prev_doc = 0, 0, None
@@ -99,6 +102,23 @@ def test_one_epoch_covers_each_row_once_with_correct_packing(corpus):
     for row in got:
         for k in pipeline.BATCH_KEYS:
             np.testing.assert_array_equal(row[k], ref[_key(row)][k])
+
+
+@pytest.mark.parametrize("stride", [1, 5])
+def test_overlapping_windows_cover_every_offset_once(corpus, stride):
+    """window_stride S: one epoch yields each full window starting at a multiple of S once,
+    packed like the plain-Python reference (segments, positions, loss mask restart per row)."""
+    out, tok, stream = corpus
+    ref = reference_rows(stream, L, tok.pad_id, stride=stride)
+    it = pipeline.pretrain_iterator(out, seq_len=L, batch_size=1, seed=3, process_index=0,
+                                    process_count=1, num_epochs=1, window_stride=stride)
+    got = _rows(list(it))
+    assert len(got) == len(ref) == it.steps_per_epoch
+    # Windows can repeat in content, so compare as multisets of full rows.
+    canon = lambda r: tuple(tuple(r[k].tolist()) for k in pipeline.BATCH_KEYS)
+    assert sorted(map(canon, got)) == sorted(map(canon, ref))
+    with pytest.raises(DataError, match="window_stride"):
+        pipeline.pretrain_iterator(out, seq_len=L, batch_size=1, seed=0, window_stride=L + 2)
 
 
 def _take(it, n):

@@ -1,0 +1,186 @@
+"""Training throughput: tokens/s, MFU and peak memory of our step vs a same-shape PyTorch peer."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CONFIGS = ("shakespeare_char", "shakespeare_char_10m")
+
+
+def ours(config_name: str, steps: int, warmup: int) -> dict:
+  """Our jitted train step on one CPU device with batches from the real data pipeline."""
+  import importlib
+
+  import jax
+  from flax import nnx
+
+  from data import corpus
+  from data.pipeline import pretrain_iterator
+  from model.config import ModelConfig
+  from model.transformer import Transformer
+  from train import losses, metrics, optim, partitioning
+  from train import step as steplib
+  from train.loop import section
+
+  config = importlib.import_module(f"configs.experiments.{config_name}").get_config()
+  data_cfg = section(corpus.DataConfig, config.data, "data")
+  tok, train_dir, _ = corpus.build(data_cfg, f"/tmp/fromscratch_bench_{config_name}",
+                                   progress=False)
+  model_cfg = ModelConfig(**dict(config.model, vocab_size=tok.vocab_size))
+  opt_cfg = optim.OptimConfig(**dict(config.opt, total_steps=config.train.steps))
+  layout = partitioning.load_layout("dp", {"data": 1})
+  mesh = partitioning.make_mesh(layout, jax.devices()[:1])
+  graphdef, state, shardings, optimizer = steplib.init_sharded(
+      lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, layout.rules, 0)
+  it = pretrain_iterator(train_dir, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
+                         seed=0)
+  bsh = {k: partitioning.batch_sharding(mesh, layout.rules) for k in
+         ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  step = steplib.jit_train_step(shardings, bsh, graphdef=graphdef, loss_fn=losses.lm_loss,
+                                optimizer=optimizer, lr_schedule=optim.schedule(opt_cfg),
+                                mesh=mesh, rules=layout.rules)
+  batches = [partitioning.shard_batch(next(it), mesh, layout.rules) for _ in range(8)]
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  times, loss = [], None
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, m = compiled(state, batches[i % len(batches)])
+    loss = float(m["loss"])  # blocks: the step is done
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  tokens = data_cfg.batch_size * data_cfg.seq_len
+  step_s = statistics.median(times)
+  peak = metrics.measure_peak_flops()
+  flops = metrics.flops_per_token(model_cfg, n_params, data_cfg.seq_len)
+  return {"impl": "fromscratch (jax)", "config": config_name, "params": n_params,
+          "compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
+          "mfu": tokens / step_s * flops / peak, "peak_flops": peak,
+          "xla_temp_mib": (mem.temp_size_in_bytes / 2**20) if mem else float("nan"),
+          "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "loss": loss}
+
+
+def peer(config_name: str, steps: int, warmup: int, compile_: bool) -> dict:
+  """The same shape as nanoGPT's GPT (written here in PyTorch: pre-LN blocks, learned
+  positions, GELU MLP, tied head, no biases, fused AdamW-free torch.optim.AdamW)."""
+  import importlib
+
+  import torch
+  import torch.nn as nn
+  import torch.nn.functional as F
+
+  torch.manual_seed(0)
+  c = importlib.import_module(f"configs.experiments.{config_name}").get_config()
+  m, d = c.model, c.data
+  vocab = 65
+
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.ln1 = nn.LayerNorm(m.d_model, bias=False)
+      self.qkv = nn.Linear(m.d_model, 3 * m.d_model, bias=False)
+      self.proj = nn.Linear(m.d_model, m.d_model, bias=False)
+      self.ln2 = nn.LayerNorm(m.d_model, bias=False)
+      self.fc = nn.Linear(m.d_model, m.d_ff, bias=False)
+      self.out = nn.Linear(m.d_ff, m.d_model, bias=False)
+      self.drop = nn.Dropout(m.dropout)
+
+    def forward(self, x):
+      b, t, _ = x.shape
+      q, k, v = self.qkv(self.ln1(x)).split(m.d_model, dim=2)
+      q, k, v = (z.view(b, t, m.n_heads, -1).transpose(1, 2) for z in (q, k, v))
+      y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                         dropout_p=m.dropout if self.training else 0.0)
+      x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, m.d_model)))
+      return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
+
+  class GPT(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.wte = nn.Embedding(vocab, m.d_model)
+      self.wpe = nn.Embedding(m.max_seq_len, m.d_model)
+      self.blocks = nn.ModuleList([Block() for _ in range(m.n_layers)])
+      self.ln = nn.LayerNorm(m.d_model, bias=False)
+      self.drop = nn.Dropout(m.dropout)
+
+    def forward(self, idx, targets):
+      x = self.drop(self.wte(idx) + self.wpe(torch.arange(idx.shape[1])))
+      for blk in self.blocks:
+        x = blk(x)
+      logits = self.ln(x) @ self.wte.weight.T
+      return F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+
+  model = GPT()
+  opt = torch.optim.AdamW(model.parameters(), lr=c.opt.lr, betas=(c.opt.b1, c.opt.b2),
+                          weight_decay=c.opt.weight_decay)
+  fwd = torch.compile(model) if compile_ else model
+  gen = torch.Generator().manual_seed(0)
+  xs = torch.randint(0, vocab, (8, d.batch_size, d.seq_len + 1), generator=gen)
+  times, compile_s = [], 0.0
+  for i in range(warmup + steps):
+    x = xs[i % 8]
+    t0 = time.perf_counter()
+    loss = fwd(x[:, :-1], x[:, 1:])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), c.opt.clip_norm)
+    opt.step()
+    elapsed = time.perf_counter() - t0
+    if i == 0:
+      compile_s = elapsed
+    if i >= warmup:
+      times.append(elapsed)
+  step_s = statistics.median(times)
+  return {"impl": f"pytorch peer ({'torch.compile' if compile_ else 'eager'})",
+          "config": config_name, "params": sum(p.numel() for p in model.parameters()),
+          "compile_s": compile_s if compile_ else 0.0, "step_ms": 1e3 * step_s,
+          "tokens_per_s": d.batch_size * d.seq_len / step_s, "mfu": float("nan"),
+          "xla_temp_mib": float("nan"),
+          "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "loss": float(loss)}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--config", default="shakespeare_char", choices=CONFIGS)
+  ap.add_argument("--steps", type=int, default=30)
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--impl", default="all", choices=("all", "ours", "eager", "compile"))
+  args = ap.parse_args()
+  if args.impl == "all":  # each in its own process, so peak memory is each one's own
+    rows = []
+    for impl in ("ours", "eager", "compile"):
+      out = subprocess.run([sys.executable, "-m", "bench.train", "--config", args.config,
+                            "--steps", str(args.steps), "--warmup", str(args.warmup),
+                            "--impl", impl], capture_output=True, text=True, check=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"{'impl':<28}{'params':>10}{'compile s':>11}{'ms/step':>10}{'tokens/s':>11}"
+          f"{'MFU':>8}{'max RSS MiB':>13}")
+    for r in rows:
+      print(f"{r['impl']:<28}{r['params']:>10}{r['compile_s']:>11.2f}{r['step_ms']:>10.1f}"
+            f"{r['tokens_per_s']:>11.0f}{r['mfu']:>8.1%}{r['max_rss_mib']:>13.0f}")
+    for r in rows[1:]:
+      print(f"ours / {r['impl']}: tokens/s x{rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}, "
+            f"peak memory x{rows[0]['max_rss_mib'] / r['max_rss_mib']:.2f}")
+    return
+  if args.impl == "ours":
+    print(json.dumps(ours(args.config, args.steps, args.warmup)))
+  else:
+    print(json.dumps(peer(args.config, args.steps, args.warmup, args.impl == "compile")))
+
+
+if __name__ == "__main__":
+  main()
