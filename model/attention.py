@@ -99,7 +99,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_BxLxT: jax.Array,
                kv=None, index=None):
-    """Returns the attention output and, when a cache layer `kv` is given, its update."""
+    """Returns the attention output and, when `kv` = (k cache, v cache, layer) of all layers is
+    given, the updated caches."""
     q_BxLxHxK = self.q(x_BxLxD)
     k_BxLxGxK = self.k(x_BxLxD)
     v_BxLxGxK = self.v(x_BxLxD)
@@ -110,12 +111,16 @@ class Attention(nnx.Module):
                                            None))
     new_kv = None
     if kv is not None:
-      k_cache, v_cache = kv
-      k_BxLxGxK = jax.lax.dynamic_update_slice(k_cache, k_BxLxGxK.astype(k_cache.dtype),
-                                               (0, index, 0, 0))
-      v_BxLxGxK = jax.lax.dynamic_update_slice(v_cache, v_BxLxGxK.astype(v_cache.dtype),
-                                               (0, index, 0, 0))
-      new_kv = (k_BxLxGxK, v_BxLxGxK)
+      # One in-place write into the stacked cache of all layers, at (layer, slot `index`);
+      # slicing a layer out and stacking it back would copy the whole cache every step.
+      k_NxBxTxGxK, v_NxBxTxGxK, layer = kv
+      start = (layer, 0, index, 0, 0)
+      k_NxBxTxGxK = jax.lax.dynamic_update_slice(
+          k_NxBxTxGxK, k_BxLxGxK[None].astype(k_NxBxTxGxK.dtype), start)
+      v_NxBxTxGxK = jax.lax.dynamic_update_slice(
+          v_NxBxTxGxK, v_BxLxGxK[None].astype(v_NxBxTxGxK.dtype), start)
+      new_kv = (k_NxBxTxGxK, v_NxBxTxGxK)
+      k_BxLxGxK, v_BxLxGxK = k_NxBxTxGxK[layer], v_NxBxTxGxK[layer]
     kv_names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None)
     k_BxTxGxK = axes.constrain(k_BxLxGxK, kv_names)
     v_BxTxGxK = axes.constrain(v_BxLxGxK, kv_names)

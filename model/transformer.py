@@ -42,7 +42,10 @@ def _block_fn(graphdef, cfg: ModelConfig, positions_BxL, mask_BxLxT, index):
 
   if cfg.remat == "none":
     return apply
-  return jax.checkpoint(apply, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+  # Outside scan, XLA would merge the recomputation back into the forward pass (CSE) and
+  # keep the activations after all; inside scan it cannot, and preventing CSE only costs.
+  return jax.checkpoint(apply, policy=_REMAT_POLICIES[cfg.remat],
+                        prevent_cse=not cfg.scan_layers)
 
 
 class Transformer(nnx.Module):
@@ -107,19 +110,21 @@ class Transformer(nnx.Module):
     if cfg.scan_layers:
       graphdef, state = nnx.split(self.blocks)
       fn = _block_fn(graphdef, cfg, positions_BxL, mask_BxLxT, index)
-      x_BxLxD, new_kv = jax.lax.scan(lambda x, xs: fn(xs[0], x, xs[1], xs[2]), x_BxLxD,
-                                     (state, kv, layer_rngs))
+
+      def body(carry, xs):  # the cache rides in the carry so each layer updates it in place
+        x_BxLxD, kv = carry
+        layer_state, layer, rng = xs
+        return fn(layer_state, x_BxLxD, None if kv is None else (*kv, layer), rng), None
+
+      (x_BxLxD, new_kv), _ = jax.lax.scan(body, (x_BxLxD, kv),
+                                          (state, jnp.arange(cfg.n_layers), layer_rngs))
     else:
-      new_k, new_v = [], []
+      new_kv = kv
       for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
         fn = _block_fn(graphdef, cfg, positions_BxL, mask_BxLxT, index)
-        kv_i = None if kv is None else (kv[0][i], kv[1][i])
-        x_BxLxD, kv_i = fn(state, x_BxLxD, kv_i, None if layer_rngs is None else layer_rngs[i])
-        if kv_i is not None:
-          new_k.append(kv_i[0])
-          new_v.append(kv_i[1])
-      new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if kv is not None else None
+        x_BxLxD, new_kv = fn(state, x_BxLxD, None if new_kv is None else (*new_kv, i),
+                             None if layer_rngs is None else layer_rngs[i])
 
     h_BxLxD = self.final_norm(x_BxLxD)
     new_cache = None
