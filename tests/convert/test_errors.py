@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import convert
+from model import convert, hf_files
 from model.config import ModelConfig, preset
 from model.transformer import Transformer
 
@@ -127,7 +127,7 @@ def test_folder_without_safetensors_is_explained(tmp_path):
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(ValueError, match=r"neither model.safetensors nor "
                                        r"model.safetensors.index.json"):
-    convert.read_hf(str(tmp_path))
+    hf_files.read_hf(str(tmp_path))
 
 
 def test_importing_convert_does_not_import_torch():

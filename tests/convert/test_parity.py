@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from model import convert
+from model import convert, hf_files
 from model.config import ModelConfig
 from model.sampling import Sampler, SamplingConfig
 from model.transformer import Transformer
@@ -94,13 +94,13 @@ def test_cli_round_trip_is_lossless_and_copies_tokenizer(hf_dirs, tmp_path):
   (src / "tokenizer.model").write_bytes(b"\x0a\x03spm-bytes")  # copied as is, never parsed
   ours, back = tmp_path / "ours", tmp_path / "back"
   convert.main(["import", f"--hf_dir={src}", f"--out={ours}", "--scan_layers"])
-  cfg, params, tok = convert.load_ours(str(ours))
+  cfg, params, tok = hf_files.load_ours(str(ours))
   assert cfg.scan_layers and cfg.n_kv_heads == 2 and cfg.rope_theta == 500.0
   assert params["blocks"]["attn"]["k"]["kernel"].shape == (2, 64, 2, 16)
   assert tok == str(ours / "tokenizer.model")
   convert.main(["export", f"--ckpt={ours}", f"--out={back}", "--max_shard_size=50KB"])
-  _, original = convert.read_hf(str(src))
-  _, exported = convert.read_hf(str(back))
+  _, original = hf_files.read_hf(str(src))
+  _, exported = hf_files.read_hf(str(back))
   assert (back / "model.safetensors.index.json").exists()
   assert sorted(exported) == sorted(original)
   for key, value in original.items():
@@ -112,7 +112,7 @@ def test_cli_round_trip_is_lossless_and_copies_tokenizer(hf_dirs, tmp_path):
 def test_original_gpt2_layout_and_bf16_checkpoints_convert(hf_dirs):
   """The first GPT-2 release has no 'transformer.' prefix and stores causal-mask buffers;
   bf16 checkpoints load into fp32 params exactly, or stay bf16 when asked."""
-  hf_config, tensors = convert.read_hf(hf_dirs["gpt2"][1])
+  hf_config, tensors = hf_files.read_hf(hf_dirs["gpt2"][1])
   _, want = convert.hf_to_params(hf_config, tensors)
   legacy = {k.removeprefix("transformer."): v for k, v in tensors.items()}
   legacy.update({f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32))
