@@ -15,7 +15,7 @@ import numpy as np
 CONFIGS = ("shakespeare_char", "shakespeare_char_10m")
 
 
-def ours(config_name: str, steps: int, warmup: int) -> dict:
+def ours(config_name: str, steps: int, warmup: int, remat: str = "") -> dict:
   """Our jitted train step on one CPU device with batches from the real data pipeline."""
   import importlib
 
@@ -34,7 +34,8 @@ def ours(config_name: str, steps: int, warmup: int) -> dict:
   data_cfg = section(corpus.DataConfig, config.data, "data")
   tok, train_dir, _ = corpus.build(data_cfg, f"/tmp/fromscratch_bench_{config_name}",
                                    progress=False)
-  model_cfg = ModelConfig(**dict(config.model, vocab_size=tok.vocab_size))
+  model_cfg = ModelConfig(**dict(config.model, vocab_size=tok.vocab_size,
+                                 remat=remat or config.model.remat))
   opt_cfg = optim.OptimConfig(**dict(config.opt, total_steps=config.train.steps))
   layout = partitioning.load_layout("dp", {"data": 1})
   mesh = partitioning.make_mesh(layout, jax.devices()[:1])
@@ -64,7 +65,7 @@ def ours(config_name: str, steps: int, warmup: int) -> dict:
   step_s = statistics.median(times)
   peak = metrics.measure_peak_flops()
   flops = metrics.flops_per_token(model_cfg, n_params, data_cfg.seq_len)
-  return {"impl": "fromscratch (jax)", "config": config_name, "params": n_params,
+  return {"impl": f"fromscratch (jax, remat {model_cfg.remat})", "config": config_name, "params": n_params,
           "compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
           "mfu": tokens / step_s * flops / peak, "peak_flops": peak,
           "xla_temp_mib": (mem.temp_size_in_bytes / 2**20) if mem else float("nan"),
@@ -158,13 +159,14 @@ def main():
   ap.add_argument("--steps", type=int, default=30)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--impl", default="all", choices=("all", "ours", "eager", "compile"))
+  ap.add_argument("--remat", default="", help="override the config's model.remat for ours")
   args = ap.parse_args()
   if args.impl == "all":  # each in its own process, so peak memory is each one's own
     rows = []
     for impl in ("ours", "eager", "compile"):
       out = subprocess.run([sys.executable, "-m", "bench.train", "--config", args.config,
                             "--steps", str(args.steps), "--warmup", str(args.warmup),
-                            "--impl", impl], capture_output=True, text=True, check=True,
+                            "--impl", impl, "--remat", args.remat], capture_output=True, text=True, check=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{'impl':<28}{'params':>10}{'compile s':>11}{'ms/step':>10}{'tokens/s':>11}"
@@ -177,7 +179,7 @@ def main():
             f"peak memory x{rows[0]['max_rss_mib'] / r['max_rss_mib']:.2f}")
     return
   if args.impl == "ours":
-    print(json.dumps(ours(args.config, args.steps, args.warmup)))
+    print(json.dumps(ours(args.config, args.steps, args.warmup, args.remat)))
   else:
     print(json.dumps(peer(args.config, args.steps, args.warmup, args.impl == "compile")))
 

@@ -15,6 +15,9 @@ def main(workdir: str = "runs/demo") -> None:
   from train import loop
 
   config = shakespeare.get_config()
+  # About 3 minutes on 2 idle cores; on a slower or busy machine stop training at 5 minutes
+  # (checkpoint, evaluate, sample) so the demo still ends in a few minutes.
+  config.train.max_seconds = 300.0
   if os.path.exists(workdir):  # the demo always starts from scratch
     shutil.rmtree(workdir)
   print(f"fromscratch demo: tokenizer + {config.train.steps}-step pretraining on Shakespeare's "

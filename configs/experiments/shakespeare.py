@@ -16,10 +16,10 @@ def get_config():
   c.opt.final_lr = 2e-4
   c.opt.warmup_steps = 100
   c.opt.b2 = 0.99
-  c.train.steps = 1500
-  c.train.eval_every = 500
+  c.train.steps = 1200
+  c.train.eval_every = 400
   c.train.eval_batches = 20
-  c.train.checkpoint_every = 500
+  c.train.checkpoint_every = 400
   c.train.sample_prompt = "ROMEO:\n"
   c.train.sample_tokens = 120
   return c
