@@ -63,7 +63,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.sample_top_k = 0  # evaluation sampling top-k (0: off)
   c.train.tensorboard = True  # write TensorBoard scalars under workdir/tensorboard
   c.train.progress = True  # show a progress bar
-  c.train.xla_cpu_flags = True  # tuned XLA:CPU flags (train/main.py); off: XLA defaults
 
   c.distributed = ml_collections.ConfigDict()  # docs/multihost.md; read by train/distributed.py
   c.distributed.coordinator = ""  # process 0's host:port; "": the launcher's env if any; "off": one

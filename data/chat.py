@@ -142,9 +142,16 @@ def pack_prompts(records: Iterable[Mapping[str, Any]], tokenizer: Tokenizer, *, 
     """
     counter = OverflowCounter("prompts", max_prompt_len, overflow)
     tokens, extras = [], {}
-    for rec in records:
+    for i, rec in enumerate(records):
         counter.stats["examples"] += 1
+        if field not in rec:
+            raise DataError(f"prompt record {i} has no field {field!r} (fields: {sorted(rec)})")
         prompt = rec[field]
+        valid = isinstance(prompt, str) or (isinstance(prompt, list) and all(
+            isinstance(m, Mapping) and {"role", "content"} <= set(m) for m in prompt))
+        if not valid:
+            raise DataError(f"prompt record {i}: field {field!r} must be a string or a list of "
+                            f"{{role, content}} messages, got {prompt!r:.80}")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = render_prompt(tokenizer, messages)
         if len(ids) > max_prompt_len:

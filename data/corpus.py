@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 from data import sources
@@ -62,15 +63,34 @@ def build(cfg: DataConfig, workdir: str, *, progress: bool = True) -> tuple[Toke
       if not os.path.exists(os.path.join(d, META_FILE)):
         raise DataError(f"{d} holds no prepared shards ({META_FILE} missing); run "
                         f"`python -m data.prepare --out {cfg.path}` first")
+      with open(os.path.join(d, META_FILE)) as f:
+        meta = json.load(f)
+      # Sampling and evaluation follow the config; it must describe the shards as written.
+      for field in ("add_bos", "add_eos"):
+        if meta.get(field) != getattr(cfg, field):
+          raise DataError(f"data.{field}={getattr(cfg, field)} but {d} was prepared with "
+                          f"{field}={meta.get(field)}; set --config.data.{field}="
+                          f"{meta.get(field)}")
     tokenizer = load_tokenizer(os.path.join(train_dir, "tokenizer"))  # prepare saves it there
     tokenizer.save(tok_dir)
     return tokenizer, train_dir, val_dir
 
   data_dir = os.path.join(workdir, "data")
   train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
-  ready = all(os.path.exists(os.path.join(d, META_FILE)) for d in (train_dir, val_dir))
-  if ready and os.path.isdir(tok_dir):
-    return load_tokenizer(tok_dir), train_dir, val_dir
+  stamp_path = os.path.join(data_dir, "data_config.json")
+  # What the prepared data depends on; batch sizes, seeds and lengths are read-time choices.
+  stamp = {k: getattr(cfg, k) for k in ("corpus", "path", "tokenizer", "vocab_size", "add_bos",
+                                        "add_eos")}
+  if os.path.exists(stamp_path):
+    with open(stamp_path) as f:
+      old = json.load(f)
+    if old != stamp:
+      changed = {k: (old.get(k), v) for k, v in stamp.items() if old.get(k) != v}
+      raise DataError(f"{data_dir} was prepared for other data settings (field: (then, now)) "
+                      f"{changed}; use a new --workdir, or delete {data_dir} and "
+                      f"{tok_dir} to prepare again")
+    if os.path.isdir(tok_dir):
+      return load_tokenizer(tok_dir), train_dir, val_dir
 
   if cfg.tokenizer == "char":
     # nanoGPT builds the character set from the whole text, so ids match its meta.pkl.
@@ -83,4 +103,7 @@ def build(cfg: DataConfig, workdir: str, *, progress: bool = True) -> tuple[Toke
   for split, out in (("train", train_dir), ("val", val_dir)):
     prepare(_documents(cfg, split), tokenizer, out, add_bos=cfg.add_bos, add_eos=cfg.add_eos,
             progress=progress)
+  # Written last: a preparation that died midway is never mistaken for finished data.
+  with open(stamp_path, "w") as f:
+    json.dump(stamp, f, indent=1)
   return tokenizer, train_dir, val_dir

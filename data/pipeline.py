@@ -147,7 +147,9 @@ def shuffled_batches(
     ds = ds[: steps * batch_size * n_proc].batch(batch_size, drop_remainder=True)[p::n_proc].map(make_batch)
     steps = len(ds)
     ds = ds.repeat(num_epochs)
+    # worker_count changes the saved state's format (grain saves per-worker states).
     config = dict(config or {}, num_rows=num_rows, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                  worker_count=worker_count,
                   process_index=p, process_count=n_proc)
     return BatchIterator(ds, config, worker_count=worker_count, steps_per_epoch=steps)
 

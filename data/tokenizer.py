@@ -194,8 +194,19 @@ def train_sentencepiece(
         yield from lines
 
     model = io.BytesIO()
+    try:
+        _train_spm(sentences(), model, vocab_size, model_type, byte_fallback, character_coverage,
+                   max_line, input_sentence_size, num_threads)
+    except RuntimeError as e:  # sentencepiece reports bad settings from deep in its C++ trainer
+        raise DataError(f"sentencepiece could not train a {model_type} vocabulary of "
+                        f"vocab_size={vocab_size}: {str(e).split('] ')[-1]}") from None
+    return SentencePieceTokenizer(model.getvalue())
+
+
+def _train_spm(sentences, model, vocab_size, model_type, byte_fallback, character_coverage,
+               max_line, input_sentence_size, num_threads) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(),
+        sentence_iterator=sentences,
         model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
@@ -218,4 +229,3 @@ def train_sentencepiece(
         num_threads=num_threads,
         minloglevel=2,
     )
-    return SentencePieceTokenizer(model.getvalue())

@@ -137,9 +137,10 @@ class Sampler:
 
   def __call__(self, state, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig):
     prompt_mask_BxP = np.asarray(prompt_mask_BxP)
-    if prompt_mask_BxP.ndim != 2 or not prompt_mask_BxP[:, -1].all():
-      raise ValueError("prompts must be left-padded: every row's last column must be a real "
-                       "token (use model.sampling.left_pad)")
+    if (prompt_mask_BxP.ndim != 2 or not prompt_mask_BxP[:, -1].all()
+        or np.any(np.diff(prompt_mask_BxP.astype(np.int32), axis=1) < 0)):
+      raise ValueError("prompts must be left-padded: each mask row is zeros then ones, ending "
+                       "in a real token (use model.sampling.left_pad)")
     return self._generate(state, prompt_BxP, prompt_mask_BxP, rng, cfg=cfg)
 
   def lower(self, state, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig):

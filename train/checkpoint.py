@@ -116,5 +116,11 @@ def load_for_inference(workdir: str, tokenizer, step: int | None = None):
   manager.close()
   model_fields = dict(config["model"])
   model_fields["vocab_size"] = model_fields.get("vocab_size") or tokenizer.vocab_size
-  state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  # Restore onto this process's first device, whatever layout the run saved with.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        dict(checkpointer.metadata(path).item_metadata))
+  state = checkpointer.restore(path, target)
   return ModelConfig(**model_fields), config.get("data", {}), state["params"]

@@ -45,7 +45,6 @@ class TrainConfig:
   sample_top_k: int = 0
   tensorboard: bool = True
   progress: bool = True
-  xla_cpu_flags: bool = True
 
 
 def section(cls, values: Mapping[str, Any], name: str):
@@ -79,6 +78,7 @@ class Run:
   train_step: Any
   eval_step: Any
   n_params: int
+  sampler: Any = None
 
 
 def build(config, workdir: str) -> Run:
@@ -152,7 +152,8 @@ def evaluate(run: Run, params, max_batches: int = 0) -> dict:
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   count = max(totals.pop("count", 0.0), 1.0)
-  loss = totals.pop("loss_sum") / count
+  totals.pop("loss_sum")
+  loss = totals["nll"] / count  # without z-loss: comparable across runs and with other codebases
   result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
   result.update({k: v / count for k, v in totals.items()})
   return result
@@ -168,7 +169,9 @@ def sample_text(run: Run, params, seed: int = 0) -> str:
                        temperature=tc.sample_temperature, top_k=tc.sample_top_k,
                        eos_id=tok.eos_id if run.data_cfg.add_eos else None, pad_id=tok.pad_id)
   tokens, mask = left_pad([prompt], tok.pad_id)
-  out = Sampler(run.graphdef)(params, tokens, mask, jax.random.PRNGKey(seed), cfg)
+  if run.sampler is None:
+    run.sampler = Sampler(run.graphdef)
+  out = run.sampler(params, tokens, mask, jax.random.PRNGKey(seed), cfg)
   generated = np.asarray(out.tokens_BxN[0])[np.asarray(out.mask_BxN[0]) > 0]
   return tc.sample_prompt + tok.decode([int(t) for t in generated])
 

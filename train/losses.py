@@ -7,16 +7,21 @@ import jax.numpy as jnp
 
 def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL, z_loss: float = 0.0):
   """Token cross entropy summed over weighted positions, with optional z-loss (PaLM)."""
-  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
   weights_BxL = weights_BxL.astype(jnp.float32)
+  # Masked positions (padding) may hold inf or NaN logits; zero them before anything reads
+  # them, so neither the loss nor its gradient can pick them up.
+  logits_BxLxV = jnp.where(weights_BxL[..., None] > 0, logits_BxLxV.astype(jnp.float32), 0.0)
   logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
   target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
   nll_BxL = logz_BxL - target_logit_BxL
   loss_BxL = nll_BxL + z_loss * jnp.square(logz_BxL)
   correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
-  metrics = {"nll": jnp.sum(nll_BxL * weights_BxL),
-             "accuracy": jnp.sum(correct_BxL * weights_BxL)}
-  return jnp.sum(loss_BxL * weights_BxL), jnp.sum(weights_BxL), metrics
+
+  def weighted_sum(x_BxL):
+    return jnp.sum(x_BxL * weights_BxL)
+
+  metrics = {"nll": weighted_sum(nll_BxL), "accuracy": weighted_sum(correct_BxL)}
+  return weighted_sum(loss_BxL), jnp.sum(weights_BxL), metrics
 
 
 def lm_loss(model, batch, rng=None, *, z_loss: float = 0.0):

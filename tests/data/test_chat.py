@@ -148,3 +148,13 @@ def test_prompt_batches_are_left_padded_and_carry_fields(tok):
     with pytest.raises(DataError, match="cannot fill one batch"):
         chat.prompt_iterator(records, tok, max_prompt_len=10, batch_size=3, seed=0, process_index=0,
                              process_count=1, overflow="drop")
+
+
+def test_bad_prompt_records_name_the_record_and_field():
+    from data.chat import pack_prompts
+    from data.tokenizer import CharTokenizer
+    tok = CharTokenizer.from_text("abc ?")
+    with pytest.raises(DataError, match=r"record 1 has no field 'prompt'"):
+        pack_prompts([{"prompt": "a"}, {"question": "b"}], tok, max_prompt_len=8)
+    with pytest.raises(DataError, match=r"record 0: field 'prompt' must be a string"):
+        pack_prompts([{"prompt": 3}], tok, max_prompt_len=8)

@@ -14,8 +14,10 @@ def test_builtin_plays_split_by_play():
     assert len(all_plays) == 38
     assert val and train and not set(train) & set(val)
     assert set(train) | set(val) == set(all_plays)
-    # The split is by sorted path, so it cannot drift between runs or machines.
-    assert sorted(val) == sorted(dict(sources.shakespeare_plays("val")))
+    # Golden: every 8th play by sorted path is held out. A change here changes every run's
+    # validation set, so validation losses stop being comparable with earlier runs.
+    assert sorted(val) == sorted(["two-gentlemen-of-verona", "henry-viii", "troilus-and-cressida",
+                                  "the-tempest"])
     assert list(sources.builtin_corpus("val")) == list(val.values())
 
 

@@ -84,7 +84,6 @@ def test_char_tokenizer_matches_nanogpt_ids_and_round_trips(tmp_path):
     assert isinstance(again, CharTokenizer) and again.encode(text) == tok.encode(text)
 
 
-@pytest.mark.skipif(not os.path.exists(sources.TINYSHAKESPEARE), reason="shared tinyshakespeare text not present")
 def test_char_tokenizer_on_tinyshakespeare_has_nanogpt_vocab():
     text = sources.tinyshakespeare("train") + sources.tinyshakespeare("val")
     tok = CharTokenizer.from_text(text)
@@ -103,3 +102,10 @@ def test_empty_corpus_is_a_clear_error():
 def test_load_tokenizer_from_a_directory_without_one(tmp_path):
     with pytest.raises(DataError, match="no tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_too_small_sentencepiece_vocab_names_the_setting():
+    text = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 400))  # 400 distinct characters
+    with pytest.raises(DataError, match=r"vocab_size=64.*Vocabulary size is smaller"):
+        train_sentencepiece([text] * 3, vocab_size=64, byte_fallback=False,
+                            character_coverage=1.0)

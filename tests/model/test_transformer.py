@@ -147,7 +147,11 @@ def test_scalar_model_reads_last_real_token():
   mask = jnp.array([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
   np.testing.assert_array_equal(last_token_values(values, mask),
                                 jnp.array([values[0, 2], values[1, 5]]))
-  # The trunk alone: its hidden states equal an LM-headed model's with the same weights.
+  # The value is the head applied to the trunk's final hidden states, token by token.
+  h, _ = sm.trunk.hidden(toks)
+  head = np.asarray(sm.head.kernel[...])[:, 0]
+  want = np.asarray(h) @ head + np.asarray(sm.head.bias[...])[0]
+  np.testing.assert_allclose(values, want, atol=1e-5)
   assert not sm.trunk.has_lm_head
   with pytest.raises(ValueError, match="no LM head"):
     sm.trunk.logits(jnp.zeros((1, 1, 64)))

@@ -107,6 +107,22 @@ def test_cross_entropy_matches_numpy():
   assert float(count) == weights.sum()
 
 
+def test_masked_positions_cannot_poison_the_loss():
+  """Padding rows may hold NaN or inf logits; with weight 0 they add nothing, not NaN."""
+  logits = np.zeros((1, 3, 4), np.float32)
+  logits[0, 2] = np.nan
+  loss_sum, count, m = losses.cross_entropy(jnp.asarray(logits), jnp.zeros((1, 3), jnp.int32),
+                                            jnp.array([[1.0, 1.0, 0.0]]))
+  np.testing.assert_allclose(loss_sum, 2 * np.log(4), rtol=1e-6)
+  assert float(count) == 2 and np.isfinite(float(m["accuracy"]))
+  grad = jax.grad(lambda x: losses.cross_entropy(x, jnp.zeros((1, 3), jnp.int32),
+                                                 jnp.array([[1.0, 1.0, 0.0]]))[0])(
+      jnp.asarray(logits))
+  assert np.all(np.isfinite(grad)), "a masked NaN must not reach the gradient"
+  np.testing.assert_array_equal(grad[0, 2], 0.0)
+  np.testing.assert_allclose(grad[0, 0], [-0.75, 0.25, 0.25, 0.25], rtol=1e-6)
+
+
 def test_schedule_is_nanogpt_formula():
   cfg = optim.OptimConfig(lr=1e-3, final_lr=1e-4, warmup_steps=100, total_steps=2000)
   lr = optim.schedule(cfg)
@@ -155,3 +171,20 @@ def test_checkpoint_from_one_device_restores_onto_fsdp8(tmp_path):
   assert int(restored.step) == 3
   _, got = step8(restored, put8(batches[3]))
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+
+
+def test_inference_load_of_an_fsdp8_checkpoint_lands_on_one_device(tmp_path):
+  """model.sample reads checkpoints saved under any layout onto one device."""
+  import dataclasses
+  import types
+  state, step, put, _ = setup("fsdp")
+  assert len(state.params["embed"]["table_VxD"].sharding.device_set) == 8
+  saver = ckpt.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  saver.save(1, state, None, {"model": dataclasses.asdict(CFG), "data": {"add_bos": False}})
+  saver.close()
+  cfg, data_cfg, params = ckpt.load_for_inference(str(tmp_path), types.SimpleNamespace(
+      vocab_size=CFG.vocab_size))
+  assert cfg == CFG and data_cfg == {"add_bos": False}
+  table = params["embed"]["table_VxD"]
+  assert table.sharding.device_set == {jax.devices()[0]}
+  np.testing.assert_array_equal(table, np.asarray(state.params["embed"]["table_VxD"]))
