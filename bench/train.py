@@ -73,20 +73,14 @@ def ours(config_name: str, steps: int, warmup: int, remat: str = "") -> dict:
           "loss": loss}
 
 
-def peer(config_name: str, steps: int, warmup: int, compile_: bool) -> dict:
-  """The same shape as nanoGPT's GPT (written here in PyTorch: pre-LN blocks, learned
-  positions, GELU MLP, tied head, no biases, fused AdamW-free torch.optim.AdamW)."""
-  import importlib
-
+def peer_model(model_cfg, vocab: int = 65, seed: int = 0):
+  """nanoGPT's GPT in PyTorch with the shape of `model_cfg`: pre-LN blocks, no biases,
+  learned positions, GELU MLP, tied head, SDPA attention; forward(idx, targets) -> loss."""
   import torch
   import torch.nn as nn
   import torch.nn.functional as F
 
-  torch.manual_seed(0)
-  c = importlib.import_module(f"configs.experiments.{config_name}").get_config()
-  m, d = c.model, c.data
-  vocab = 65
-
+  m = model_cfg
   class Block(nn.Module):
     def __init__(self):
       super().__init__()
@@ -116,14 +110,37 @@ def peer(config_name: str, steps: int, warmup: int, compile_: bool) -> dict:
       self.ln = nn.LayerNorm(m.d_model, bias=False)
       self.drop = nn.Dropout(m.dropout)
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets, weights=None):
       x = self.drop(self.wte(idx) + self.wpe(torch.arange(idx.shape[1])))
       for blk in self.blocks:
         x = blk(x)
       logits = self.ln(x) @ self.wte.weight.T
-      return F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+      nll = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), reduction="none")
+      if weights is None:
+        return nll.mean()
+      return (nll * weights.reshape(-1)).sum(), weights.sum()
 
+  torch.manual_seed(seed)
   model = GPT()
+  # nanoGPT's init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * layers).
+  for name, p in model.named_parameters():
+    if p.dim() >= 2:
+      std = 0.02 / (2 * m.n_layers) ** 0.5 if name.endswith(("proj.weight", "out.weight")) else 0.02
+      torch.nn.init.normal_(p, 0.0, std)
+  return model
+
+
+
+def peer(config_name: str, steps: int, warmup: int, compile_: bool) -> dict:
+  """The peer model (see peer_model) trained with torch.optim.AdamW, eager or compiled."""
+  import importlib
+
+  import torch
+
+  c = importlib.import_module(f"configs.experiments.{config_name}").get_config()
+  m, d = c.model, c.data
+  vocab = 65
+  model = peer_model(m, vocab)
   opt = torch.optim.AdamW(model.parameters(), lr=c.opt.lr, betas=(c.opt.b1, c.opt.b2),
                           weight_decay=c.opt.weight_decay)
   fwd = torch.compile(model) if compile_ else model

@@ -118,15 +118,52 @@ def losses(workdir, split="train"):
           if r["split"] == split}
 
 
-def test_two_processes_stop_together_resume_and_match_one_process(prepared, tmp_path):
-  ref_dir, mp_dir = str(tmp_path / "one" / "run"), str(tmp_path / "two" / "run")
-  os.makedirs(os.path.dirname(ref_dir))
-  os.makedirs(os.path.dirname(mp_dir))
-  ref_log = str(tmp_path / "one.log")
-  reference = _start(_cmd(ref_dir, prepared, "--config.distributed.coordinator=off",
-                          "--config.distributed.local_device_count=4"), ref_log)
-  _finish([reference], [ref_log])
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory):
+  """One process driving 4 CPU devices: what the two-process runs must reproduce."""
+  root = tmp_path_factory.mktemp("one")
+  ref_dir, ref_log = str(root / "run"), str(root / "one.log")
+  _finish([_start(_cmd(ref_dir, prepared, "--config.distributed.coordinator=off",
+                       "--config.distributed.local_device_count=4"), ref_log)], [ref_log])
+  return ref_dir
 
+
+def assert_matches_reference(mp_dir, ref_dir):
+  want, got = losses(ref_dir), losses(mp_dir)
+  assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+  # Step 1 sees the initial parameters and the first global batch: bitwise equal unless the two
+  # processes' rows are not the one-process batch in its order.
+  assert got[1] == want[1], "the two processes' global batch differs from one process's"
+  # Later steps may differ in the last bits: gloo sums gradients across processes in another
+  # order than XLA:CPU's in-process all-reduce.
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-5, err_msg="two processes must train like one")
+  np.testing.assert_allclose(losses(mp_dir, "val")[STEPS], losses(ref_dir, "val")[STEPS],
+                             rtol=1e-5)
+
+
+def test_two_processes_killed_after_a_checkpoint_resume_and_match_one_process(
+    prepared, reference, tmp_path):
+  """kill -9 of both hosts once checkpoint 4 is on disk; a restart resumes from it."""
+  mp_dir = str(tmp_path / "run")
+  procs, logs = start_pair(mp_dir, prepared, "first")
+  t0 = time.time()
+  while not os.path.isdir(os.path.join(mp_dir, "checkpoints", "4")):
+    assert all(p.poll() is None for p in procs), open(logs[0]).read()[-3000:]
+    assert time.time() - t0 < 180, "timed out waiting for the first checkpoint"
+    time.sleep(0.05)
+  for p in procs:
+    p.kill()
+    p.wait()
+  outs = _finish(*start_pair(mp_dir, prepared, "resumed"))
+  assert all("resumed from step" in out for out in outs), outs[0][-2000:]
+  assert_matches_reference(mp_dir, reference)
+
+
+def test_two_processes_stop_together_resume_and_match_one_process(prepared, reference,
+                                                                   tmp_path):
+  mp_dir = str(tmp_path / "two" / "run")
+  os.makedirs(os.path.dirname(mp_dir))
   procs, logs = start_pair(mp_dir, prepared, "first")
   metrics = os.path.join(mp_dir, "metrics.jsonl")
   t0 = time.time()
@@ -144,15 +181,4 @@ def test_two_processes_stop_together_resume_and_match_one_process(prepared, tmp_
 
   outs = _finish(*start_pair(mp_dir, prepared, "resumed"))
   assert all(f"resumed from step {stopped}" in out for out in outs), outs[0][-2000:]
-
-  want, got = losses(ref_dir), losses(mp_dir)
-  assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-  # Step 1 sees the initial parameters and the first global batch: bitwise equal unless the two
-  # processes' rows are not the one-process batch in its order.
-  assert got[1] == want[1], "the two processes' global batch differs from one process's"
-  # Later steps may differ in the last bits: gloo sums gradients across processes in another
-  # order than XLA:CPU's in-process all-reduce.
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
-                             rtol=1e-5, err_msg="two processes must train like one")
-  np.testing.assert_allclose(losses(mp_dir, "val")[STEPS], losses(ref_dir, "val")[STEPS],
-                             rtol=1e-5)
+  assert_matches_reference(mp_dir, reference)

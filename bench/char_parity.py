@@ -1,0 +1,69 @@
+"""shakespeare_char side by side: the PyTorch peer (nanoGPT's GPT and recipe) trained on our
+pipeline's batches and scored on the whole validation split exactly as train.main scores ours."""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from bench.train import peer_model
+from configs.experiments import shakespeare_char
+from data import corpus
+from data.pipeline import eval_batches, pretrain_iterator
+from train.loop import section
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--steps", type=int, default=2000)
+  ap.add_argument("--seed", type=int, default=0, help="torch init seed")
+  args = ap.parse_args()
+  c = shakespeare_char.get_config()
+  data_cfg = section(corpus.DataConfig, c.data, "data")
+  tok, train_dir, val_dir = corpus.build(data_cfg, "/tmp/fromscratch_bench_shakespeare_char",
+                                         progress=False)
+  model = peer_model(c.model, vocab=tok.vocab_size, seed=args.seed)
+  decay = [p for p in model.parameters() if p.dim() >= 2]  # nanoGPT's two parameter groups
+  no_decay = [p for p in model.parameters() if p.dim() < 2]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.opt.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=c.opt.lr,
+                          betas=(c.opt.b1, c.opt.b2))
+
+  def lr_at(it):  # nanoGPT train.py get_lr
+    if it < c.opt.warmup_steps:
+      return c.opt.lr * (it + 1) / (c.opt.warmup_steps + 1)
+    ratio = min((it - c.opt.warmup_steps) / (args.steps - c.opt.warmup_steps), 1.0)
+    return c.opt.final_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (c.opt.lr - c.opt.final_lr)
+
+  it = pretrain_iterator(train_dir, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
+                         seed=data_cfg.seed, window_stride=data_cfg.window_stride)
+  t0 = time.perf_counter()
+  for step in range(args.steps):
+    for group in opt.param_groups:
+      group["lr"] = lr_at(step)
+    b = next(it)
+    loss = model(torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), c.opt.clip_norm)
+    opt.step()
+  train_s = time.perf_counter() - t0
+  model.eval()
+  total, count = 0.0, 0.0
+  with torch.no_grad():
+    for b in eval_batches(val_dir, seq_len=data_cfg.seq_len, batch_size=data_cfg.eval_batch_size):
+      w = torch.from_numpy(b["loss_mask"])
+      real = w > 0  # padding rows carry pad ids; feed id 0 there, weight 0
+      x = torch.where(real, torch.from_numpy(b["inputs"]).long(), 0)
+      y = torch.where(real, torch.from_numpy(b["targets"]).long(), 0)
+      s, n = model(x, y, w)
+      total, count = total + float(s), count + float(n)
+  print(f"pytorch peer, seed {args.seed}: val loss {total / count:.4f} over the whole "
+        f"validation split at {args.steps} steps ({train_s:.0f} s training)")
+
+
+if __name__ == "__main__":
+  main()
