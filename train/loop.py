@@ -98,6 +98,11 @@ def build(config, workdir: str) -> Run:
   if model_cfg.position == "learned" and data_cfg.seq_len > model_cfg.max_seq_len:
     raise ValueError(f"data.seq_len={data_cfg.seq_len} exceeds model.max_seq_len="
                      f"{model_cfg.max_seq_len}")
+  prompt_len = len(tokenizer.encode(train_cfg.sample_prompt, bos=data_cfg.add_bos)) or 1
+  if model_cfg.position == "learned" and prompt_len >= model_cfg.max_seq_len:
+    raise ValueError(f"train.sample_prompt is {prompt_len} tokens; with learned positions it "
+                     f"must leave room to sample within model.max_seq_len="
+                     f"{model_cfg.max_seq_len}")
   opt_fields = dict(config.opt)
   opt_fields["total_steps"] = opt_fields.get("total_steps") or train_cfg.steps
   opt_cfg = section(optim.OptimConfig, opt_fields, "opt")
