@@ -195,37 +195,31 @@ def train_sentencepiece(
 
     model = io.BytesIO()
     try:
-        _train_spm(sentences(), model, vocab_size, model_type, byte_fallback, character_coverage,
-                   max_line, input_sentence_size, num_threads)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            character_coverage=character_coverage,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            unk_piece="<unk>", bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
+            pad_piece=SPECIAL_PIECES["pad"],
+            user_defined_symbols=[*ROLE_TOKENS.values(), END_TOKEN],
+            # Identity normalisation and kept whitespace make decode(encode(s)) == s.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            # Without a dummy prefix, encode(a) + encode(b) decodes to a + b (chat templates rely on it).
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=max_line,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
     except RuntimeError as e:  # sentencepiece reports bad settings from deep in its C++ trainer
         raise DataError(f"sentencepiece could not train a {model_type} vocabulary of "
                         f"vocab_size={vocab_size}: {str(e).split('] ')[-1]}") from None
     return SentencePieceTokenizer(model.getvalue())
-
-
-def _train_spm(sentences, model, vocab_size, model_type, byte_fallback, character_coverage,
-               max_line, input_sentence_size, num_threads) -> None:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences,
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=byte_fallback,
-        character_coverage=character_coverage,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        unk_piece="<unk>", bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
-        pad_piece=SPECIAL_PIECES["pad"],
-        user_defined_symbols=[*ROLE_TOKENS.values(), END_TOKEN],
-        # Identity normalisation and kept whitespace make decode(encode(s)) == s.
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        # Without a dummy prefix, encode(a) + encode(b) decodes to a + b (chat templates rely on it).
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        max_sentence_length=max_line,
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
-        num_threads=num_threads,
-        minloglevel=2,
-    )
