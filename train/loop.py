@@ -111,16 +111,13 @@ def build(config, workdir: str) -> Run:
   layout = partitioning.load_layout(mesh_cfg.pop("layout"), mesh_cfg)
   mesh = partitioning.make_mesh(layout)
   rules = layout.rules
-  split = partitioning.batch_divisor(mesh, rules) * opt_cfg.grad_accum
+  partitioning.check_batch_size(data_cfg.batch_size, mesh, rules, opt_cfg.grad_accum)
+  partitioning.check_batch_size(data_cfg.eval_batch_size, mesh, rules)
   for name in ("batch_size", "eval_batch_size"):
-    size = getattr(data_cfg, name)
-    need = split if name == "batch_size" else partitioning.batch_divisor(mesh, rules)
-    if size % need or size % jax.process_count():
-      raise partitioning.PartitionError(
-          f"data.{name}={size} must be divisible by the batch's mesh split "
-          f"({partitioning.batch_divisor(mesh, rules)})"
-          + (f" times opt.grad_accum ({opt_cfg.grad_accum})" if name == "batch_size" else "")
-          + f" and by the process count ({jax.process_count()})")
+    if getattr(data_cfg, name) % jax.process_count():
+      raise partitioning.PartitionError(f"data.{name}={getattr(data_cfg, name)} must be "
+                                        f"divisible by the process count "
+                                        f"({jax.process_count()})")
 
   graphdef, state, state_shardings, optimizer = steplib.init_sharded(
       lambda: Transformer(model_cfg, rngs=nnx.Rngs(train_cfg.seed)), opt_cfg, mesh, rules,

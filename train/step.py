@@ -1,6 +1,7 @@
 """The one train step every stage shares, and the eval step, jit-compiled on a mesh."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -94,7 +95,7 @@ def train_step(state: TrainState, batch, *, graphdef, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, lr_schedule, grad_accum: int = 1,
                mesh=None, rules=()):
   """One optimizer update from one global batch (split into grad_accum microbatches)."""
-  with (axes.axis_rules(mesh, rules) if mesh is not None else _nullcontext()):
+  with (axes.axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()):
     rng = jax.random.fold_in(state.rng, state.step)
     loss_sum, count, metric_sums, grads = compute_grads(graphdef, loss_fn, state.params, batch, rng,
                                                  grad_accum)
@@ -110,17 +111,9 @@ def train_step(state: TrainState, batch, *, graphdef, loss_fn: LossFn,
 
 def eval_step(params, batch, *, graphdef, loss_fn: LossFn, mesh=None, rules=()):
   """Summed loss, count and metric sums of one batch, without dropout."""
-  with (axes.axis_rules(mesh, rules) if mesh is not None else _nullcontext()):
+  with (axes.axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()):
     loss_sum, count, metric_sums = loss_fn(nnx.merge(graphdef, params), batch, None)
   return {"loss_sum": loss_sum, "count": count, **metric_sums}
-
-
-class _nullcontext:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
 
 
 def jit_train_step(state_shardings, batch_shardings, **kwargs):

@@ -46,19 +46,8 @@ def build(layout, devices, grad_accum=1):
   rules = layout.rules
   opt_cfg = optim.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=100, schedule="constant",
                               eps=EPS, clip_norm=CLIP, grad_accum=grad_accum)
-  graphdef, params_state, param_shardings = partitioning.sharded_init(
-      lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh, rules)
-  params = nnx.to_pure_dict(params_state)
-  param_shardings = nnx.to_pure_dict(param_shardings)
-  optimizer = optim.make_optimizer(opt_cfg, params)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_shardings = steplib.TrainState(
-      step=replicated, params=param_shardings,
-      opt_state=partitioning.opt_state_shardings(jax.eval_shape(optimizer.init, params),
-                                                 param_shardings, mesh),
-      rng=replicated)
-  state = jax.jit(lambda p: steplib.init_state(p, optimizer, 0),
-                  out_shardings=state_shardings)(params)
+  graphdef, state, state_shardings, optimizer = steplib.init_sharded(
+      lambda: Transformer(CFG, rngs=nnx.Rngs(0)), opt_cfg, mesh, rules, seed=0)
   batch_shardings = {k: partitioning.batch_sharding(mesh, rules) for k in batches()[0]}
   step = steplib.jit_train_step(
       state_shardings, batch_shardings, graphdef=graphdef, loss_fn=losses.lm_loss,
