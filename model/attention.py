@@ -10,7 +10,7 @@ from flax import nnx
 
 from model import axes
 from model.config import ModelConfig
-from model.layers import Dense
+from model.layers import Dense, dropout
 
 
 class KVCache(NamedTuple):
@@ -61,15 +61,19 @@ def make_mask(q_segment_BxL: jax.Array, kv_segment_BxT: jax.Array, q_slot_L: jax
 
 
 def attend(q_BxLxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
-           mask_BxLxT: jax.Array, impl: str = "xla") -> jax.Array:
+           mask_BxLxT: jax.Array, impl: str = "xla", dropout_rate: float = 0.0,
+           dropout_rng: jax.Array | None = None) -> jax.Array:
   """Softmax attention with float32 logits; impl 'reference' is the plain XLA einsum path.
 
-  Rows with no visible key (padding queries) come out finite and are ignored downstream.
+  With a dropout rng and rate > 0, probabilities are dropped (inverted scaling) after the
+  softmax, on the einsum path. Rows with no visible key (padding queries) come out finite and
+  are ignored downstream.
   """
   b, l, h, k = q_BxLxHxK.shape
   g = k_BxTxGxK.shape[2]
   scale = 1.0 / math.sqrt(k)
-  if impl != "reference":
+  drop = dropout_rng is not None and dropout_rate > 0.0
+  if impl != "reference" and not drop:
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxTxGxK, v_BxTxGxK,
                                         mask=mask_BxLxT[:, None], scale=scale,
                                         implementation=impl)
@@ -79,6 +83,8 @@ def attend(q_BxLxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
   big_neg = jnp.finfo(jnp.float32).min
   logits_BxGxRxLxT = jnp.where(mask_BxLxT[:, None, None], logits_BxGxRxLxT, big_neg)
   probs_BxGxRxLxT = jax.nn.softmax(logits_BxGxRxLxT, axis=-1)
+  if drop:
+    probs_BxGxRxLxT = dropout(probs_BxGxRxLxT, dropout_rate, dropout_rng)
   out_BxLxGxRxK = jnp.einsum("bgrlt,btgk->blgrk", probs_BxGxRxLxT.astype(v_BxTxGxK.dtype),
                              v_BxTxGxK)
   return out_BxLxGxRxK.reshape(b, l, h, k)
@@ -90,6 +96,7 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     self.impl, self.position, self.rope_theta = cfg.attention_impl, cfg.position, cfg.rope_theta
+    self.dropout_rate = cfg.attention_dropout
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     self.q = Dense((d,), (h, k), (axes.EMBED,), (axes.HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
     self.k = Dense((d,), (g, k), (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
@@ -98,9 +105,9 @@ class Attention(nnx.Module):
                    std=out_std)
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_BxLxT: jax.Array,
-               kv=None, index=None):
+               kv=None, index=None, dropout_rng=None):
     """Returns the attention output and, when `kv` = (k cache, v cache, layer) of all layers is
-    given, the updated caches."""
+    given, the updated caches. `dropout_rng` (training only) drops attention probabilities."""
     q_BxLxHxK = self.q(x_BxLxD)
     k_BxLxGxK = self.k(x_BxLxD)
     v_BxLxGxK = self.v(x_BxLxD)
@@ -125,5 +132,6 @@ class Attention(nnx.Module):
     k_BxTxGxK = axes.constrain(k_BxLxGxK, kv_names)
     v_BxTxGxK = axes.constrain(v_BxLxGxK, kv_names)
     out_BxLxHxK = attend(q_BxLxHxK, k_BxTxGxK.astype(q_BxLxHxK.dtype),
-                         v_BxTxGxK.astype(q_BxLxHxK.dtype), mask_BxLxT, self.impl)
+                         v_BxTxGxK.astype(q_BxLxHxK.dtype), mask_BxLxT, self.impl,
+                         self.dropout_rate, dropout_rng)
     return self.o(out_BxLxHxK), new_kv

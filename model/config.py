@@ -32,6 +32,8 @@ class ModelConfig:
   use_bias: bool = False  # biases in dense layers and layernorm (GPT-2 has them)
   tie_embeddings: bool = False  # LM head reuses the token embedding
   dropout: float = 0.0  # residual and embedding dropout rate while training
+  attention_dropout: float = 0.0  # dropout on attention probabilities while training (nanoGPT's
+  # attn_dropout, GPT-2's attn_pdrop); runs the einsum attention path, not a fused kernel
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = False  # stack blocks and run them with lax.scan (fast compile)
@@ -61,8 +63,13 @@ class ModelConfig:
     if self.position == "rope" and self.head_dim % 2:
       raise ValueError(f"ModelConfig.position='rope' needs an even head_dim, got "
                        f"{self.head_dim} (d_model / n_heads)")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+    for name in ("dropout", "attention_dropout"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+    if self.attention_dropout and self.attention_impl == "cudnn":
+      raise ValueError("ModelConfig.attention_dropout > 0 needs attention_impl 'xla' or "
+                       "'reference': the cuDNN path of jax.nn.dot_product_attention has no "
+                       "dropout")
     if self.norm_eps <= 0:
       raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
     if self.rope_theta <= 0:

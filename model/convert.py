@@ -95,7 +95,7 @@ def hf_config_to_model(hf_config: dict, **overrides) -> ModelConfig:
                   rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
                   mlp="swiglu", use_bias=bool(attn_bias),
                   tie_embeddings=_field(c, "tie_word_embeddings", False))
-  return ModelConfig(**{**fields, "dropout": 0.0, **overrides})
+  return ModelConfig(**{**fields, "dropout": 0.0, "attention_dropout": 0.0, **overrides})
 
 
 def _family(cfg: ModelConfig) -> str:
@@ -124,7 +124,7 @@ def model_to_hf_config(cfg: ModelConfig) -> dict:
     return {**common, "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
             "n_inner": cfg.d_ff, "n_positions": cfg.max_seq_len, "activation_function":
             "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
-            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attention_dropout}
   # rope_theta is written at the top level too, for transformers releases before 5.
   return {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
           "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
@@ -132,7 +132,7 @@ def model_to_hf_config(cfg: ModelConfig) -> dict:
           "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
           "rope_theta": cfg.rope_theta, "attention_bias": cfg.use_bias,
-          "mlp_bias": cfg.use_bias, "attention_dropout": 0.0}
+          "mlp_bias": cfg.use_bias, "attention_dropout": cfg.attention_dropout}
 
 
 class _Entry(NamedTuple):

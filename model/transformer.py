@@ -27,8 +27,9 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxT, kv=None, index=None, rng=None):
-    rng_attn, rng_mlp = (None, None) if rng is None else jax.random.split(rng)
-    h_BxLxD, new_kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_BxLxT, kv, index)
+    rng_attn, rng_mlp, rng_probs = (None,) * 3 if rng is None else jax.random.split(rng, 3)
+    h_BxLxD, new_kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_BxLxT, kv, index,
+                                rng_probs)
     x_BxLxD = x_BxLxD + dropout(h_BxLxD, self.rate, rng_attn)
     x_BxLxD = x_BxLxD + dropout(self.mlp(self.mlp_norm(x_BxLxD)), self.rate, rng_mlp)
     return axes.constrain(x_BxLxD, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)), new_kv

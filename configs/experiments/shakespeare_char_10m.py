@@ -10,7 +10,8 @@ def get_config():
   c.model.n_kv_heads = 6
   c.model.d_ff = 1536
   c.model.max_seq_len = 256
-  c.model.dropout = 0.2
+  c.model.dropout = 0.2  # nanoGPT drops embeddings, residual branches and attention weights
+  c.model.attention_dropout = 0.2
   c.data.seq_len = 256
   c.data.batch_size = 64
   c.data.eval_batch_size = 64

@@ -49,6 +49,36 @@ def test_attention_matches_numpy(impl, heads, kv_heads):
   np.testing.assert_allclose(got[real], want[real], atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_attention_dropout_drops_probabilities(impl):
+  """Probabilities dropped after the softmax with inverted scaling, against NumPy given the
+  keep mask; without an rng (evaluation) dropout is off."""
+  rng = np.random.default_rng(3)
+  b, l, heads, kv_heads, d, rate = 2, 7, 4, 2, 8, 0.3
+  q = rng.normal(size=(b, l, heads, d)).astype(np.float32)
+  k = rng.normal(size=(b, l, kv_heads, d)).astype(np.float32)
+  v = rng.normal(size=(b, l, kv_heads, d)).astype(np.float32)
+  seg = np.ones((b, l), np.int32)
+  mask = make_mask(jnp.asarray(seg), jnp.asarray(seg), jnp.arange(l), jnp.arange(l))
+  key = jax.random.key(5)
+  got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl, rate, key))
+  # The keep mask over (batch, kv head, query head in group, query, key) = heads h = g * R + r.
+  keep = np.asarray(jax.random.bernoulli(key, 1.0 - rate, (b, kv_heads, heads // kv_heads, l, l)))
+  keep = keep.reshape(b, heads, l, l)
+  kr, vr = np.repeat(k, heads // kv_heads, 2), np.repeat(v, heads // kv_heads, 2)
+  logits = np.einsum("blhd,bthd->bhlt", q.astype(np.float64), kr) / np.sqrt(d)
+  logits = np.where(np.tril(np.ones((l, l), bool)), logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = np.einsum("bhlt,bthd->blhd", probs * keep / (1.0 - rate), vr)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert 0.5 < keep.mean() < 0.9  # about 1 - rate of 392 draws
+  plain = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl)
+  np.testing.assert_array_equal(
+      np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl, rate, None)),
+      np.asarray(plain))
+
+
 def test_rope_matches_rotation_of_pairs():
   """RoPE rotates the pair (x[i], x[i + K/2]) by position * theta^(-2i/K)."""
   rng = np.random.default_rng(1)

@@ -78,6 +78,7 @@ def test_every_parameter_has_logical_axes(name, scan):
     ("dtype", "float8", "dtype"),
     ("param_dtype", "int8", "param_dtype"),
     ("dropout", 1.0, "dropout"),
+    ("attention_dropout", -0.1, "attention_dropout"),
     ("norm_eps", 0.0, "norm_eps"),
     ("rope_theta", -1.0, "rope_theta"),
     ("init_std", 0.0, "init_std"),
@@ -85,6 +86,11 @@ def test_every_parameter_has_logical_axes(name, scan):
 def test_invalid_field_raises_naming_it(field, value, message):
   with pytest.raises(ValueError, match=message):
     preset("tiny", **{field: value})
+
+
+def test_attention_dropout_needs_an_einsum_path():
+  with pytest.raises(ValueError, match="attention_dropout.*cuDNN"):
+    preset("tiny", attention_dropout=0.1, attention_impl="cudnn")
 
 
 def test_odd_head_dim_with_rope_is_rejected():

@@ -90,18 +90,23 @@ def _stack_unrolled(params_unrolled):
   return pure
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.2])
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 @pytest.mark.parametrize("name", PRESETS)
-def test_scan_and_remat_match_unrolled(name, remat):
-  reference = build(name)
-  variant = build(name, scan_layers=True, remat=remat)
+def test_scan_and_remat_match_unrolled(name, remat, rate):
+  """With dropout too: each layer draws the same masks scanned or not, and the recomputation
+  in the backward pass draws the forward pass's masks again."""
+  drop = dict(dropout=rate, attention_dropout=rate)
+  reference = build(name, **drop)
+  variant = build(name, scan_layers=True, remat=remat, **drop)
   g_var, p_var = nnx.split(variant)
   nnx.replace_by_pure_dict(p_var, _stack_unrolled(nnx.state(reference)))
   g_ref, p_ref = nnx.split(reference)
   toks = tokens(2, 10, seed=5)
+  rng = jax.random.key(4) if rate else None
 
   def loss(g, p):
-    return jnp.mean(jnp.square(nnx.merge(g, p)(toks)))
+    return jnp.mean(jnp.square(nnx.merge(g, p)(toks, dropout_rng=rng)))
 
   l_ref, grads_ref = jax.value_and_grad(lambda p: loss(g_ref, p))(p_ref)
   l_var, grads_var = jax.value_and_grad(lambda p: loss(g_var, p))(p_var)
@@ -129,8 +134,9 @@ def test_dot_product_attention_path_equals_reference_path():
   np.testing.assert_allclose(fast(toks)[0], slow(toks)[0], atol=1e-5)
 
 
-def test_dropout_only_with_rng_and_is_seeded():
-  model = build("tiny", dropout=0.5)
+@pytest.mark.parametrize("field", ["dropout", "attention_dropout"])
+def test_dropout_only_with_rng_and_is_seeded(field):
+  model = build("tiny", **{field: 0.5})
   toks = tokens(1, 8, seed=8)
   np.testing.assert_array_equal(model(toks), model(toks))
   a = model(toks, dropout_rng=jax.random.key(1))
