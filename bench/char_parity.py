@@ -20,6 +20,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--steps", type=int, default=2000)
   ap.add_argument("--seed", type=int, default=0, help="torch init seed")
+  ap.add_argument("--data_seed", type=int, default=0, help="our pipeline's shuffling seed")
   args = ap.parse_args()
   c = shakespeare_char.get_config()
   data_cfg = section(corpus.DataConfig, c.data, "data")
@@ -39,7 +40,7 @@ def main():
     return c.opt.final_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (c.opt.lr - c.opt.final_lr)
 
   it = pretrain_iterator(train_dir, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
-                         seed=data_cfg.seed, window_stride=data_cfg.window_stride)
+                         seed=args.data_seed, window_stride=data_cfg.window_stride)
   t0 = time.perf_counter()
   for step in range(args.steps):
     for group in opt.param_groups:
@@ -61,7 +62,7 @@ def main():
       y = torch.where(real, torch.from_numpy(b["targets"]).long(), 0)
       s, n = model(x, y, w)
       total, count = total + float(s), count + float(n)
-  print(f"pytorch peer, seed {args.seed}: val loss {total / count:.4f} over the whole "
+  print(f"pytorch peer, seed {args.seed}, data seed {args.data_seed}: val loss {total / count:.4f} over the whole "
         f"validation split at {args.steps} steps ({train_s:.0f} s training)")
 
 

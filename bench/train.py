@@ -15,7 +15,23 @@ import numpy as np
 CONFIGS = ("shakespeare_char", "shakespeare_char_10m")
 
 
-def ours(config_name: str, steps: int, warmup: int, remat: str = "") -> dict:
+def _model_overrides(pairs: list[str]) -> dict:
+  """['remat=full', 'scan_layers=True'] -> {'remat': 'full', 'scan_layers': True}."""
+  import ast
+
+  out = {}
+  for pair in pairs:
+    key, sep, value = pair.partition("=")
+    if not sep:
+      raise SystemExit(f"--model {pair!r}: expected FIELD=VALUE, e.g. remat=full")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = None) -> dict:
   """Our jitted train step on one CPU device with batches from the real data pipeline."""
   import importlib
 
@@ -34,8 +50,7 @@ def ours(config_name: str, steps: int, warmup: int, remat: str = "") -> dict:
   data_cfg = section(corpus.DataConfig, config.data, "data")
   tok, train_dir, _ = corpus.build(data_cfg, f"/tmp/fromscratch_bench_{config_name}",
                                    progress=False)
-  model_cfg = ModelConfig(**dict(config.model, vocab_size=tok.vocab_size,
-                                 remat=remat or config.model.remat))
+  model_cfg = ModelConfig(**dict(config.model, vocab_size=tok.vocab_size, **(overrides or {})))
   opt_cfg = optim.OptimConfig(**dict(config.opt, total_steps=config.train.steps))
   layout = partitioning.load_layout("dp", {"data": 1})
   mesh = partitioning.make_mesh(layout, jax.devices()[:1])
@@ -65,7 +80,8 @@ def ours(config_name: str, steps: int, warmup: int, remat: str = "") -> dict:
   step_s = statistics.median(times)
   peak = metrics.measure_peak_flops()
   flops = metrics.flops_per_token(model_cfg, n_params, data_cfg.seq_len)
-  return {"impl": f"fromscratch (jax, remat {model_cfg.remat})", "config": config_name, "params": n_params,
+  variant = f"remat {model_cfg.remat}{', scan' if model_cfg.scan_layers else ''}"
+  return {"impl": f"fromscratch ({variant})", "config": config_name, "params": n_params,
           "compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
           "mfu": tokens / step_s * flops / peak, "peak_flops": peak,
           "xla_temp_mib": (mem.temp_size_in_bytes / 2**20) if mem else float("nan"),
@@ -176,14 +192,16 @@ def main():
   ap.add_argument("--steps", type=int, default=30)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--impl", default="all", choices=("all", "ours", "eager", "compile"))
-  ap.add_argument("--remat", default="", help="override the config's model.remat for ours")
+  ap.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                  help="override a model field for ours, e.g. --model remat=full (repeatable)")
   args = ap.parse_args()
   if args.impl == "all":  # each in its own process, so peak memory is each one's own
     rows = []
     for impl in ("ours", "eager", "compile"):
       out = subprocess.run([sys.executable, "-m", "bench.train", "--config", args.config,
                             "--steps", str(args.steps), "--warmup", str(args.warmup),
-                            "--impl", impl, "--remat", args.remat], capture_output=True, text=True, check=True,
+                            "--impl", impl, *[f"--model={m}" for m in args.model]],
+                           capture_output=True, text=True, check=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{'impl':<28}{'params':>10}{'compile s':>11}{'ms/step':>10}{'tokens/s':>11}"
@@ -196,7 +214,7 @@ def main():
             f"peak memory x{rows[0]['max_rss_mib'] / r['max_rss_mib']:.2f}")
     return
   if args.impl == "ours":
-    print(json.dumps(ours(args.config, args.steps, args.warmup, args.remat)))
+    print(json.dumps(ours(args.config, args.steps, args.warmup, _model_overrides(args.model))))
   else:
     print(json.dumps(peer(args.config, args.steps, args.warmup, args.impl == "compile")))
 
