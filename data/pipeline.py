@@ -110,6 +110,9 @@ def epoch_keys(seed: int, epoch: int) -> np.ndarray:
     return np.random.SeedSequence([seed, epoch]).generate_state(FEISTEL_ROUNDS, np.uint64)
 
 
+_CHUNK = 1024
+
+
 class _Shuffle(grain.MapDataset):
     """A global shuffle of the parent, a different permutation (`permute`) each epoch."""
 
@@ -117,6 +120,7 @@ class _Shuffle(grain.MapDataset):
         super().__init__(parent)
         self._seed = seed
         self._keys: dict[int, np.ndarray] = {}
+        self._chunk_start, self._chunk = -1, []
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -139,7 +143,12 @@ class _Shuffle(grain.MapDataset):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        return self._parent[self._shuffled([index])[0]]
+        # grain reads a batch one index at a time, in order: map a whole chunk at once.
+        start = index - index % _CHUNK
+        if self._chunk_start != start:
+            self._chunk = self._shuffled(range(start, start + _CHUNK))
+            self._chunk_start = start
+        return self._parent[self._chunk[index - start]]
 
     def _getitems(self, indices):
         return self._parent._getitems(self._shuffled(indices))  # pylint: disable=protected-access
