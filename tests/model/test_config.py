@@ -79,6 +79,7 @@ def test_every_parameter_has_logical_axes(name, scan):
     ("param_dtype", "int8", "param_dtype"),
     ("dropout", 1.0, "dropout"),
     ("attention_dropout", -0.1, "attention_dropout"),
+    ("dropout_prng", "philox", "dropout_prng"),
     ("norm_eps", 0.0, "norm_eps"),
     ("rope_theta", -1.0, "rope_theta"),
     ("init_std", 0.0, "init_std"),

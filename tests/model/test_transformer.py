@@ -90,13 +90,13 @@ def _stack_unrolled(params_unrolled):
   return pure
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.2])
+@pytest.mark.parametrize("rate,prng", [(0.0, "threefry"), (0.2, "threefry"), (0.2, "rbg")])
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 @pytest.mark.parametrize("name", PRESETS)
-def test_scan_and_remat_match_unrolled(name, remat, rate):
+def test_scan_and_remat_match_unrolled(name, remat, rate, prng):
   """With dropout too: each layer draws the same masks scanned or not, and the recomputation
   in the backward pass draws the forward pass's masks again."""
-  drop = dict(dropout=rate, attention_dropout=rate)
+  drop = dict(dropout=rate, attention_dropout=rate, dropout_prng=prng)
   reference = build(name, **drop)
   variant = build(name, scan_layers=True, remat=remat, **drop)
   g_var, p_var = nnx.split(variant)
@@ -134,9 +134,10 @@ def test_dot_product_attention_path_equals_reference_path():
   np.testing.assert_allclose(fast(toks)[0], slow(toks)[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("prng", ["threefry", "rbg"])
 @pytest.mark.parametrize("field", ["dropout", "attention_dropout"])
-def test_dropout_only_with_rng_and_is_seeded(field):
-  model = build("tiny", **{field: 0.5})
+def test_dropout_only_with_rng_and_is_seeded(field, prng):
+  model = build("tiny", dropout_prng=prng, **{field: 0.5})
   toks = tokens(1, 8, seed=8)
   np.testing.assert_array_equal(model(toks), model(toks))
   a = model(toks, dropout_rng=jax.random.key(1))
