@@ -1,5 +1,7 @@
 """shakespeare_char side by side: the PyTorch peer (nanoGPT's GPT and recipe) trained on our
-pipeline's batches and scored on the whole validation split exactly as train.main scores ours."""
+pipeline's batches, or with nanoGPT's own get_batch (--batches nanogpt: torch.randint offsets,
+seeded 1337 + seed, from the same training tokens), and scored on the whole validation split
+exactly as train.main scores ours."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +15,19 @@ from bench.train import peer_model
 from configs.experiments import shakespeare_char
 from data import corpus
 from data.pipeline import eval_batches, pretrain_iterator
+from data.prepare import TokenShards
 from train.loop import section
+
+
+def nanogpt_batches(train_dir: str, block: int, batch: int, seed: int):
+  """nanoGPT's get_batch: `batch` offsets drawn with replacement by torch.randint each step."""
+  shards = TokenShards(train_dir)
+  data = shards.read(0, shards.num_tokens).astype(np.int64)
+  gen = torch.Generator().manual_seed(seed)
+  while True:
+    ix = torch.randint(len(data) - block, (batch,), generator=gen).numpy()
+    rows = np.stack([data[i:i + block + 1] for i in ix])
+    yield {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
 
 
 def main():
@@ -21,6 +35,8 @@ def main():
   ap.add_argument("--steps", type=int, default=2000)
   ap.add_argument("--seed", type=int, default=0, help="torch init seed")
   ap.add_argument("--data_seed", type=int, default=0, help="our pipeline's shuffling seed")
+  ap.add_argument("--batches", choices=("ours", "nanogpt"), default="ours",
+                  help="our pipeline's shuffled windows, or nanoGPT's random offsets")
   args = ap.parse_args()
   c = shakespeare_char.get_config()
   data_cfg = section(corpus.DataConfig, c.data, "data")
@@ -39,8 +55,11 @@ def main():
     ratio = min((it - c.opt.warmup_steps) / (args.steps - c.opt.warmup_steps), 1.0)
     return c.opt.final_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (c.opt.lr - c.opt.final_lr)
 
-  it = pretrain_iterator(train_dir, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
-                         seed=args.data_seed, window_stride=data_cfg.window_stride)
+  if args.batches == "ours":
+    it = pretrain_iterator(train_dir, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
+                           seed=args.data_seed, window_stride=data_cfg.window_stride)
+  else:
+    it = nanogpt_batches(train_dir, data_cfg.seq_len, data_cfg.batch_size, 1337 + args.seed)
   t0 = time.perf_counter()
   for step in range(args.steps):
     for group in opt.param_groups:
@@ -62,7 +81,8 @@ def main():
       y = torch.where(real, torch.from_numpy(b["targets"]).long(), 0)
       s, n = model(x, y, w)
       total, count = total + float(s), count + float(n)
-  print(f"pytorch peer, seed {args.seed}, data seed {args.data_seed}: val loss {total / count:.4f} over the whole "
+  data = f"data seed {args.data_seed}" if args.batches == "ours" else "nanoGPT's get_batch"
+  print(f"pytorch peer, seed {args.seed}, {data}: val loss {total / count:.4f} over the whole "
         f"validation split at {args.steps} steps ({train_s:.0f} s training)")
 
 

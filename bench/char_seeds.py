@@ -1,7 +1,8 @@
 """shakespeare_char over several seeds, ours against the PyTorch peer (bench/char_parity.py).
 
 Seed S sets our init seed and both implementations' batch order (the same batches for both);
-the peer's init draws from torch's RNG with seed S. Each run is a separate process, one at a
+the peer's init draws from torch's RNG with seed S. `--which nanogpt` trains the peer on
+nanoGPT's own get_batch instead (torch.randint offsets seeded 1337 + S). Each run is a separate process, one at a
 time. Prints each run's whole-split validation loss and, per implementation, mean, standard
 deviation, median and how many runs reach <= 1.90.
 """
@@ -41,6 +42,11 @@ def peer(seed: int, steps: int) -> float:
                     f"--data_seed={seed}", f"--steps={steps}"])
 
 
+def nanogpt(seed: int, steps: int) -> float:
+  return _val_loss([sys.executable, "-m", "bench.char_parity", f"--seed={seed}",
+                    "--batches=nanogpt", f"--steps={steps}"])
+
+
 def summarize(name: str, losses: list[float], target: float) -> str:
   sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
   hits = sum(x <= target for x in losses)
@@ -54,10 +60,11 @@ def main():
   ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
   ap.add_argument("--steps", type=int, default=2000)
   ap.add_argument("--target", type=float, default=1.90)
-  ap.add_argument("--which", choices=("both", "ours", "peer"), default="both")
+  ap.add_argument("--which", choices=("both", "ours", "peer", "nanogpt"), default="both",
+                  help="both = ours and the peer; nanogpt = the peer on nanoGPT's get_batch")
   args = ap.parse_args()
-  runs = {"ours": ours, "peer": peer}
-  names = list(runs) if args.which == "both" else [args.which]
+  runs = {"ours": ours, "peer": peer, "nanogpt": nanogpt}
+  names = ["ours", "peer"] if args.which == "both" else [args.which]
   results: dict[str, list[float]] = {n: [] for n in names}
   print("seed | " + " | ".join(names), flush=True)
   for seed in args.seeds:

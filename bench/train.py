@@ -31,11 +31,16 @@ def _model_overrides(pairs: list[str]) -> dict:
   return out
 
 
-def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = None) -> dict:
-  """Our jitted train step on one CPU device with batches from the real data pipeline."""
+def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = None,
+         devices: int = 0) -> dict:
+  """Our jitted train step on CPU with batches from the real data pipeline: on the config's
+  CPU devices (distributed.local_device_count, data-parallel over all of them), or on
+  `devices` of them when given."""
   import importlib
 
   import jax
+
+  from train import distributed
   from flax import nnx
 
   from data import corpus
@@ -47,13 +52,17 @@ def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = Non
   from train.loop import section
 
   config = importlib.import_module(f"configs.experiments.{config_name}").get_config()
+  if devices:
+    config.distributed.local_device_count = devices
+  distributed.initialize(dict(config.distributed, coordinator="off"))
+  n_dev = jax.device_count()
   data_cfg = section(corpus.DataConfig, config.data, "data")
   tok, train_dir, _ = corpus.build(data_cfg, f"/tmp/fromscratch_bench_{config_name}",
                                    progress=False)
   model_cfg = ModelConfig(**dict(config.model, vocab_size=tok.vocab_size, **(overrides or {})))
   opt_cfg = optim.OptimConfig(**dict(config.opt, total_steps=config.train.steps))
-  layout = partitioning.load_layout("dp", {"data": 1})
-  mesh = partitioning.make_mesh(layout, jax.devices()[:1])
+  layout = partitioning.load_layout("dp", {"data": n_dev})
+  mesh = partitioning.make_mesh(layout, jax.devices())
   graphdef, state, shardings, optimizer = steplib.init_sharded(
       lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, layout.rules, 0)
   it = pretrain_iterator(train_dir, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
@@ -80,7 +89,8 @@ def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = Non
   step_s = statistics.median(times)
   peak = metrics.measure_peak_flops()
   flops = metrics.flops_per_token(model_cfg, n_params, data_cfg.seq_len)
-  variant = f"remat {model_cfg.remat}{', scan' if model_cfg.scan_layers else ''}"
+  variant = (f"remat {model_cfg.remat}{', scan' if model_cfg.scan_layers else ''}"
+             f"{f', dp over {n_dev} devices' if n_dev > 1 else ''}")
   return {"impl": f"fromscratch ({variant})", "config": config_name, "params": n_params,
           "compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
           "mfu": tokens / step_s * flops / peak, "peak_flops": peak,
@@ -192,6 +202,8 @@ def main():
   ap.add_argument("--steps", type=int, default=30)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--impl", default="all", choices=("all", "ours", "eager", "compile"))
+  ap.add_argument("--devices", type=int, default=0,
+                  help="CPU devices for ours (data-parallel); 0: the config's")
   ap.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                   help="override a model field for ours, e.g. --model remat=full (repeatable)")
   args = ap.parse_args()
@@ -200,7 +212,8 @@ def main():
     for impl in ("ours", "eager", "compile"):
       out = subprocess.run([sys.executable, "-m", "bench.train", "--config", args.config,
                             "--steps", str(args.steps), "--warmup", str(args.warmup),
-                            "--impl", impl, *[f"--model={m}" for m in args.model]],
+                            "--impl", impl, "--devices", str(args.devices),
+                            *[f"--model={m}" for m in args.model]],
                            capture_output=True, text=True, check=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -214,7 +227,8 @@ def main():
             f"peak memory x{rows[0]['max_rss_mib'] / r['max_rss_mib']:.2f}")
     return
   if args.impl == "ours":
-    print(json.dumps(ours(args.config, args.steps, args.warmup, _model_overrides(args.model))))
+    print(json.dumps(ours(args.config, args.steps, args.warmup, _model_overrides(args.model),
+                          args.devices)))
   else:
     print(json.dumps(peer(args.config, args.steps, args.warmup, args.impl == "compile")))
 
