@@ -30,11 +30,18 @@ def nanogpt_batches(train_dir: str, block: int, batch: int, seed: int):
     yield {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
 
 
+def _xy(b):
+  return b["inputs"], b["targets"]
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--steps", type=int, default=2000)
   ap.add_argument("--seed", type=int, default=0, help="torch init seed")
   ap.add_argument("--data_seed", type=int, default=0, help="our pipeline's shuffling seed")
+  ap.add_argument("--estimates", type=int, default=0,
+                  help="also print this many of nanoGPT's estimate_loss (20 random batches "
+                       "each) and one over 1000 batches, to show that estimate's spread")
   ap.add_argument("--batches", choices=("ours", "nanogpt"), default="ours",
                   help="our pipeline's shuffled windows, or nanoGPT's random offsets")
   args = ap.parse_args()
@@ -81,6 +88,14 @@ def main():
       y = torch.where(real, torch.from_numpy(b["targets"]).long(), 0)
       s, n = model(x, y, w)
       total, count = total + float(s), count + float(n)
+  if args.estimates:
+    val = nanogpt_batches(val_dir, data_cfg.seq_len, data_cfg.batch_size, 1337)
+    with torch.no_grad():
+      est = [np.mean([float(model(*map(torch.from_numpy, _xy(next(val))))) for _ in range(20)])
+             for _ in range(args.estimates)]
+      big = np.mean([float(model(*map(torch.from_numpy, _xy(next(val))))) for _ in range(1000)])
+    print("nanoGPT estimate_loss (20 batches) x", args.estimates, ":",
+          " ".join(f"{e:.4f}" for e in est), f"; over 1000 batches: {big:.4f}")
   data = f"data seed {args.data_seed}" if args.batches == "ours" else "nanoGPT's get_batch"
   print(f"pytorch peer, seed {args.seed}, {data}: val loss {total / count:.4f} over the whole "
         f"validation split at {args.steps} steps ({train_s:.0f} s training)")
