@@ -123,7 +123,7 @@ def peer_model(model_cfg, vocab: int = 65, seed: int = 0):
       q, k, v = self.qkv(self.ln1(x)).split(m.d_model, dim=2)
       q, k, v = (z.view(b, t, m.n_heads, -1).transpose(1, 2) for z in (q, k, v))
       y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                         dropout_p=m.dropout if self.training else 0.0)
+                                         dropout_p=m.attention_dropout if self.training else 0.0)
       x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, m.d_model)))
       return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
 

@@ -107,6 +107,8 @@ def permute(indices: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
 
 
 def epoch_keys(seed: int, epoch: int) -> np.ndarray:
+    if seed < 0:
+        raise DataError(f"the shuffling seed (data.seed) must be >= 0, got {seed}")
     return np.random.SeedSequence([seed, epoch]).generate_state(FEISTEL_ROUNDS, np.uint64)
 
 
@@ -120,7 +122,7 @@ class _Shuffle(grain.MapDataset):
         super().__init__(parent)
         self._seed = seed
         self._keys: dict[int, np.ndarray] = {}
-        self._chunk_start, self._chunk = -1, []
+        self._cache: tuple[int, list[int]] = (-1, [])
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -143,12 +145,14 @@ class _Shuffle(grain.MapDataset):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        # grain reads a batch one index at a time, in order: map a whole chunk at once.
+        # grain reads a batch one index at a time, in order: map a whole chunk at once. Its
+        # reader threads share this object, so the cache is one tuple, read and replaced whole.
         start = index - index % _CHUNK
-        if self._chunk_start != start:
-            self._chunk = self._shuffled(range(start, start + _CHUNK))
-            self._chunk_start = start
-        return self._parent[self._chunk[index - start]]
+        cached_start, chunk = self._cache
+        if cached_start != start:
+            chunk = self._shuffled(range(start, start + _CHUNK))
+            self._cache = (start, chunk)
+        return self._parent[chunk[index - start]]
 
     def _getitems(self, indices):
         return self._parent._getitems(self._shuffled(indices))  # pylint: disable=protected-access
