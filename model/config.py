@@ -58,7 +58,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be divisible by "
                        f"n_kv_heads ({self.n_kv_heads})")
     choices = {"norm": NORMS, "position": POSITIONS, "mlp": MLPS, "remat": REMATS,
-               "attention_impl": ATTENTION_IMPLS, "dropout_prng": DROPOUT_PRNGS, "dtype": DTYPES, "param_dtype": DTYPES}
+               "attention_impl": ATTENTION_IMPLS, "dropout_prng": DROPOUT_PRNGS, "dtype": DTYPES,
+               "param_dtype": DTYPES}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is unknown; "

@@ -32,7 +32,7 @@ def get_config():
   c.train.sample_prompt = "\n"
   c.train.sample_tokens = 300
   # Two CPU devices, data-parallel (6 rows each): XLA:CPU runs this small model's ops mostly
-  # one at a time, so two devices keep both cores busy: about 46 -> 33 ms per step on a 2-core
+  # one at a time, so two devices keep both cores busy: about 43 -> 30 ms per step on a 2-core
   # machine (docs/benchmarks.md). CPU only; on GPUs and TPUs the mesh takes the accelerators.
   c.distributed.local_device_count = 2
   return c
