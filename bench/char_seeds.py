@@ -2,8 +2,8 @@
 
 Seed S sets our init seed and both implementations' batch order (the same batches for both);
 the peer's init draws from torch's RNG with seed S. `--which nanogpt` trains the peer on
-nanoGPT's own get_batch instead (torch.randint offsets seeded 1337 + S). Each run is a separate process, one at a
-time. Prints each run's whole-split validation loss and, per implementation, mean, standard
+nanoGPT's own get_batch instead (torch.randint offsets seeded 1337 + S). Each run is a
+separate process, one at a time. Prints each run's whole-split validation loss and, per implementation, mean, standard
 deviation, median and how many runs reach <= 1.90.
 """
 from __future__ import annotations

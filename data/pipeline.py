@@ -1,6 +1,7 @@
 """Grain pipelines: packed pretraining rows from token shards, sharded by host, resumable exactly."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -106,10 +107,14 @@ def permute(indices: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
     return out.astype(np.int64)
 
 
+@functools.lru_cache(maxsize=16)
 def epoch_keys(seed: int, epoch: int) -> np.ndarray:
+    """The Feistel round keys of one epoch (read-only: the cache hands out one array)."""
     if seed < 0:
         raise DataError(f"the shuffling seed (data.seed) must be >= 0, got {seed}")
-    return np.random.SeedSequence([seed, epoch]).generate_state(FEISTEL_ROUNDS, np.uint64)
+    keys = np.random.SeedSequence([seed, epoch]).generate_state(FEISTEL_ROUNDS, np.uint64)
+    keys.flags.writeable = False
+    return keys
 
 
 _CHUNK = 1024
@@ -121,7 +126,6 @@ class _Shuffle(grain.MapDataset):
     def __init__(self, parent: grain.MapDataset, seed: int):
         super().__init__(parent)
         self._seed = seed
-        self._keys: dict[int, np.ndarray] = {}
         self._cache: tuple[int, list[int]] = (-1, [])
 
     def __len__(self) -> int:
@@ -135,11 +139,8 @@ class _Shuffle(grain.MapDataset):
         epochs, within = np.divmod(np.asarray(indices, dtype=np.int64), n)
         out = np.empty_like(within)
         for epoch in np.unique(epochs):
-            keys = self._keys.get(int(epoch))
-            if keys is None:
-                keys = self._keys.setdefault(int(epoch), epoch_keys(self._seed, int(epoch)))
             sel = epochs == epoch
-            out[sel] = permute(within[sel], n, keys) + epoch * n
+            out[sel] = permute(within[sel], n, epoch_keys(self._seed, int(epoch))) + epoch * n
         return out.tolist()
 
     def __getitem__(self, index):
