@@ -9,8 +9,8 @@ NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "gelu_exact", "swiglu")
 REMATS = ("none", "full", "dots")
-ATTENTION_IMPLS = ("xla", "cudnn", "reference")
-DROPOUT_PRNGS = ("threefry", "rbg")
+ATTENTION_IMPLS = ("xla", "cudnn", "jax")
+DROPOUT_PRNGS = ("threefry", "rbg", "hash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -36,12 +36,15 @@ class ModelConfig:
   attention_dropout: float = 0.0  # dropout on attention probabilities while training (nanoGPT's
   # attn_dropout, GPT-2's attn_pdrop); runs the einsum attention path, not a fused kernel
   dropout_prng: str = "threefry"  # threefry: the same masks on every backend and sharding;
-  # rbg: XLA's RngBitGenerator, about 4x cheaper masks on CPU, generated whole on each device
+  # rbg: XLA's RngBitGenerator, about 4x cheaper masks on CPU, generated whole on each device;
+  # hash: a keyed hash of each element's index, computed inside the fusion that applies it
+  # (no mask in memory), the same on every sharding
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = False  # stack blocks and run them with lax.scan (fast compile)
   remat: str = "none"  # none | full | dots: what each block saves for backward
-  attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention) | reference
+  attention_impl: str = "xla"  # xla: our einsum path | cudnn: jax.nn.dot_product_attention's
+  # fused kernel (GPU) | jax: jax.nn.dot_product_attention's XLA path
   init_std: float = 0.02  # std of the normal initialiser
 
   def __post_init__(self):
@@ -72,7 +75,7 @@ class ModelConfig:
         raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
     if self.attention_dropout and self.attention_impl == "cudnn":
       raise ValueError("ModelConfig.attention_dropout > 0 needs attention_impl 'xla' or "
-                       "'reference': the cuDNN path of jax.nn.dot_product_attention has no "
+                       "'jax': the cuDNN path of jax.nn.dot_product_attention has no "
                        "dropout")
     if self.norm_eps <= 0:
       raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")

@@ -22,11 +22,58 @@ def normal(std: float):
   return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  """Inverted dropout; identity when rate is 0 or no rng is given (evaluation)."""
+def _mix32(x: jax.Array) -> jax.Array:
+  """lowbias32 (C. Wellons' hash prospector): a bijection of uint32 with full avalanche."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x21F0AAAD)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x735A2D97)
+  return x ^ (x >> 15)
+
+
+def hash_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """Pseudo-random uint32 per element: a keyed hash of the element's index.
+
+  The index is split into the last two dims (`inner`, a bijection within each block) and the
+  leading ones (`outer`); both are hashed with words of `key` and combined by a final mix.
+  Elementwise from iotas, so XLA computes the bits inside the fusion that uses them (no mask in
+  memory, recomputed for free in the backward pass) and the partitioner gives every shard
+  its own slice of the same global bits, whatever the sharding.
+  """
+  shape = tuple(shape)
+  n_outer = max(len(shape) - 2, 0)
+  if math.prod(shape[n_outer:]) > 2**32 or math.prod(shape[:n_outer]) > 2**32:
+    raise ValueError(f"hash_bits: shape {shape} has more than 2^32 elements in its last two "
+                     "dims or in its leading dims")
+  k0, k1, k2 = jax.random.bits(key, (3,), jnp.uint32)
+
+  def keyed_index(dims, k):
+    # k * size + flat index (mod 2^32): a bijection of the index that depends on the key, so
+    # XLA cannot hoist it out of a scanned layer as a loop-invariant array of indices.
+    idx = jnp.broadcast_to(k, shape)
+    for d in dims:
+      idx = idx * jnp.uint32(shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, shape, d)
+    return idx
+
+  inner = _mix32(keyed_index(range(n_outer, len(shape)), k0))
+  outer = _mix32(keyed_index(range(n_outer), k1) * jnp.uint32(0x9E3779B9))
+  return _mix32((inner + outer) ^ k2)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None,
+            prng: str = "threefry") -> jax.Array:
+  """Inverted dropout; identity when rate is 0 or no rng is given (evaluation).
+
+  prng 'threefry' and 'rbg' draw the keep mask with jax.random (the key's own generator);
+  'hash' compares `hash_bits` with round(keep * 2^32), which XLA fuses into this select.
+  """
   if rng is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  if prng == "hash":
+    threshold = min(round((1.0 - rate) * 2.0**32), 2**32 - 1)
+    keep = hash_bits(rng, x.shape) < jnp.uint32(threshold)
+  else:
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 

@@ -20,7 +20,7 @@ class Block(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.rate = cfg.dropout
+    self.rate, self.prng = cfg.dropout, cfg.dropout_prng
     self.attn_norm = Norm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg)
@@ -30,8 +30,8 @@ class Block(nnx.Module):
     rng_attn, rng_mlp, rng_probs = (None,) * 3 if rng is None else jax.random.split(rng, 3)
     h_BxLxD, new_kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_BxLxT, kv, index,
                                 rng_probs)
-    x_BxLxD = x_BxLxD + dropout(h_BxLxD, self.rate, rng_attn)
-    x_BxLxD = x_BxLxD + dropout(self.mlp(self.mlp_norm(x_BxLxD)), self.rate, rng_mlp)
+    x_BxLxD = x_BxLxD + dropout(h_BxLxD, self.rate, rng_attn, self.prng)
+    x_BxLxD = x_BxLxD + dropout(self.mlp(self.mlp_norm(x_BxLxD)), self.rate, rng_mlp, self.prng)
     return axes.constrain(x_BxLxD, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)), new_kv
 
 
@@ -107,7 +107,7 @@ class Transformer(nnx.Module):
           jax.random.bits(dropout_rng, (4,), jnp.uint32), impl="rbg")
     rng_embed, rng_layers = ((None, None) if dropout_rng is None
                              else jax.random.split(dropout_rng))
-    x_BxLxD = dropout(x_BxLxD, cfg.dropout, rng_embed)
+    x_BxLxD = dropout(x_BxLxD, cfg.dropout, rng_embed, cfg.dropout_prng)
     x_BxLxD = axes.constrain(x_BxLxD, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     layer_rngs = None if rng_layers is None else jax.random.split(rng_layers, cfg.n_layers)
     kv = None if cache is None else (cache.k_NxBxTxGxK, cache.v_NxBxTxGxK)

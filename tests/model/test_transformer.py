@@ -90,7 +90,8 @@ def _stack_unrolled(params_unrolled):
   return pure
 
 
-@pytest.mark.parametrize("rate,prng", [(0.0, "threefry"), (0.2, "threefry"), (0.2, "rbg")])
+@pytest.mark.parametrize("rate,prng", [(0.0, "threefry"), (0.2, "threefry"), (0.2, "rbg"),
+                                       (0.2, "hash")])
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 @pytest.mark.parametrize("name", PRESETS)
 def test_scan_and_remat_match_unrolled(name, remat, rate, prng):
@@ -125,16 +126,16 @@ def test_unrolled_remat_matches_plain():
                nnx.to_pure_dict(f(rematted)))
 
 
-def test_dot_product_attention_path_equals_reference_path():
-  fast, slow = build("tiny"), build("tiny", attention_impl="reference")
+def test_einsum_attention_path_equals_jax_dot_product_attention():
+  ours, jax_dpa = build("tiny"), build("tiny", attention_impl="jax")
   toks = tokens(2, 12, seed=7)
   seg = jnp.array([[1] * 12, [0] * 3 + [1] * 4 + [2] * 5])
-  np.testing.assert_allclose(fast(toks, None, seg)[1, 3:], slow(toks, None, seg)[1, 3:],
+  np.testing.assert_allclose(ours(toks, None, seg)[1, 3:], jax_dpa(toks, None, seg)[1, 3:],
                              atol=1e-5)
-  np.testing.assert_allclose(fast(toks)[0], slow(toks)[0], atol=1e-5)
+  np.testing.assert_allclose(ours(toks)[0], jax_dpa(toks)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("prng", ["threefry", "rbg"])
+@pytest.mark.parametrize("prng", ["threefry", "rbg", "hash"])
 @pytest.mark.parametrize("field", ["dropout", "attention_dropout"])
 def test_dropout_only_with_rng_and_is_seeded(field, prng):
   model = build("tiny", dropout_prng=prng, **{field: 0.5})

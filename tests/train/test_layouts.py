@@ -40,14 +40,14 @@ def batches():
   return out
 
 
-def build(layout, devices, grad_accum=1):
+def build(layout, devices, grad_accum=1, cfg=CFG):
   """Mesh, sharded TrainState and jitted step, wired as train/loop.py's `build` does."""
   mesh = partitioning.make_mesh(layout, devices)
   rules = layout.rules
   opt_cfg = optim.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=100, schedule="constant",
                               eps=EPS, clip_norm=CLIP, grad_accum=grad_accum)
   graphdef, state, state_shardings, optimizer = steplib.init_sharded(
-      lambda: Transformer(CFG, rngs=nnx.Rngs(0)), opt_cfg, mesh, rules, seed=0)
+      lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, rules, seed=0)
   batch_shardings = {k: partitioning.batch_sharding(mesh, rules) for k in batches()[0]}
   step = steplib.jit_train_step(
       state_shardings, batch_shardings, graphdef=graphdef, loss_fn=losses.lm_loss,
@@ -59,13 +59,14 @@ def build(layout, devices, grad_accum=1):
 @functools.lru_cache(maxsize=None)
 def trained(case):
   """(layout, mesh, final state, per-step (loss, grad norm)) of a CASES entry, built once."""
-  name, sizes, n_devices, grad_accum, _ = CASES[case]
+  name, sizes, n_devices, grad_accum, _, *model = CASES[case]
   layout = partitioning.load_layout(name, sizes)
-  return (layout,) + train(layout, jax.devices()[:n_devices], grad_accum)
+  cfg = CFG.replace(**model[0]) if model else CFG
+  return (layout,) + train(layout, jax.devices()[:n_devices], grad_accum, cfg)
 
 
-def train(layout, devices, grad_accum=1):
-  mesh, state, step = build(layout, devices, grad_accum)
+def train(layout, devices, grad_accum=1, cfg=CFG):
+  mesh, state, step = build(layout, devices, grad_accum, cfg)
   loss_history = []
   for batch in batches():
     state, metrics = step(state, partitioning.shard_batch(batch, mesh, layout.rules))
@@ -74,9 +75,9 @@ def train(layout, devices, grad_accum=1):
 
 
 @functools.lru_cache(maxsize=None)
-def one_device():
+def one_device(model_items=()):
   layout = partitioning.load_layout("dp")
-  _, state, loss_history = train(layout, jax.devices()[:1])
+  _, state, loss_history = train(layout, jax.devices()[:1], cfg=CFG.replace(**dict(model_items)))
   return jax.device_get(state.params), loss_history
 
 
@@ -90,14 +91,20 @@ def logical_axes_by_path():
                                               is_leaf=lambda x: isinstance(x, tuple))}
 
 
+DROPOUT = {"dropout": 0.2, "attention_dropout": 0.2, "dropout_prng": "hash"}
 CASES = {
-    # name: (layout, mesh size overrides, device count, grad_accum, expected mesh)
+    # name: (layout, mesh size overrides, device count, grad_accum, expected mesh[, model
+    # field overrides])
     "dp8": ("dp", {}, 8, 1, {"data": 8, "fsdp": 1, "tensor": 1}),
     "fsdp8": ("fsdp", {}, 8, 1, {"data": 1, "fsdp": 8, "tensor": 1}),
     "tp4": ("tp", {}, 4, 1, {"data": 1, "fsdp": 1, "tensor": 4}),
     "fsdp4_tp2": ("fsdp_tp", {"fsdp": 4, "tensor": 2}, 8, 1, {"data": 1, "fsdp": 4, "tensor": 2}),
     # Two microbatches against one device's single batch: accumulation on the mesh is exact.
     "dp2_fsdp2_tp2_accum2": ("dp_fsdp_tp", {}, 8, 2, {"data": 2, "fsdp": 2, "tensor": 2}),
+    # Hash dropout masks on every activation and attention probability: each shard computes
+    # its slice of the same global masks, so the run matches one device's with dropout.
+    "dp2_fsdp2_tp2_hash_dropout": ("dp_fsdp_tp", {}, 8, 1, {"data": 2, "fsdp": 2, "tensor": 2},
+                                   DROPOUT),
 }
 
 
@@ -107,7 +114,10 @@ def test_layout_trains_like_one_device(case):
   layout, mesh, state, loss_history = trained(case)
   assert dict(mesh.shape) == expected_mesh
 
-  ref_params, ref_losses = one_device()
+  model = CASES[case][5] if len(CASES[case]) > 5 else {}
+  # One device runs the same model; only the dropout cases change what it computes.
+  ref_params, ref_losses = one_device(tuple(sorted(
+      (k, v) for k, v in model.items() if k in DROPOUT)))
   np.testing.assert_allclose(
       loss_history, ref_losses, rtol=1e-5,
       err_msg=f"{case}: the (loss, grad norm) of each step differ from one device's, so this "
