@@ -69,5 +69,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = 0  # processes in the job; 0: from the launcher's environment
   c.distributed.process_id = -1  # this process's index; -1: from the launcher's environment
   c.distributed.local_device_count = 0  # CPU only: simulated devices per process; 0: XLA's default
+  c.distributed.xla_flags = ""  # appended to XLA_FLAGS before JAX starts, e.g. backend tuning
   c.distributed.timeout_seconds = 300  # how long to wait for every process to join
   return c

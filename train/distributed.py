@@ -48,6 +48,9 @@ def initialize(cfg: Mapping[str, Any] | None) -> str:
   coordinator = cfg.get("coordinator", "")
   num_processes = int(cfg.get("num_processes", 0))
   process_id = int(cfg.get("process_id", -1))
+  if cfg.get("xla_flags", ""):
+    # XLA reads XLA_FLAGS once, when JAX starts its first backend: this must run before that.
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {cfg['xla_flags']}".strip()
   if cfg.get("local_device_count", 0):
     # Simulated host devices (CPU only); wins over XLA_FLAGS --xla_force_host_platform_device_count.
     jax.config.update("jax_num_cpu_devices", int(cfg["local_device_count"]))

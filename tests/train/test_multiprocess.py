@@ -66,6 +66,20 @@ def test_launcher_and_precedence():
       distributed.initialize({"num_processes": 2, "process_id": 0})
 
 
+def test_xla_flags_reach_xla_before_jax_starts():
+  """distributed.xla_flags is appended to XLA_FLAGS in time for XLA to read it: a fresh process
+  given a device-count flag that way sees that many devices."""
+  code = ("from train import distributed; "
+          "distributed.initialize({'coordinator': 'off', "
+          "'xla_flags': '--xla_force_host_platform_device_count=3'}); "
+          "import jax, os; print(jax.device_count(), os.environ['XLA_FLAGS'])")
+  env = dict(_env(), XLA_FLAGS="--xla_dump_hlo_as_text")
+  out = subprocess.run([sys.executable, "-c", code], env=env,
+                       capture_output=True, text=True, check=True, cwd=REPO)
+  assert out.stdout.split() == ["3", "--xla_dump_hlo_as_text",
+                                "--xla_force_host_platform_device_count=3"]
+
+
 def _env():
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR"))}
