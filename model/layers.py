@@ -31,8 +31,12 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 15)
 
 
-def hash_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+def hash_bits(key: jax.Array, shape: Sequence[int], offset: Sequence[int] | None = None,
+              full_shape: Sequence[int] | None = None) -> jax.Array:
   """Pseudo-random uint32 per element: a keyed hash of the element's index.
+
+  With `offset` and `full_shape`, the bits of the block at `offset` of an array of
+  `full_shape`: a piece of the whole array's bits, so computing them blockwise changes nothing.
 
   The index is split into the last two dims (`inner`, a bijection within each block) and the
   leading ones (`outer`); both are hashed with words of `key` and combined by a final mix.
@@ -41,9 +45,11 @@ def hash_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
   its own slice of the same global bits, whatever the sharding.
   """
   shape = tuple(shape)
-  n_outer = max(len(shape) - 2, 0)
-  if math.prod(shape[n_outer:]) > 2**32 or math.prod(shape[:n_outer]) > 2**32:
-    raise ValueError(f"hash_bits: shape {shape} has more than 2^32 elements in its last two "
+  full = shape if full_shape is None else tuple(full_shape)
+  offset = (0,) * len(shape) if offset is None else tuple(offset)
+  n_outer = max(len(full) - 2, 0)
+  if math.prod(full[n_outer:]) > 2**32 or math.prod(full[:n_outer]) > 2**32:
+    raise ValueError(f"hash_bits: shape {full} has more than 2^32 elements in its last two "
                      "dims or in its leading dims")
   k0, k1, k2 = jax.random.bits(key, (3,), jnp.uint32)
 
@@ -52,7 +58,8 @@ def hash_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     # XLA cannot hoist it out of a scanned layer as a loop-invariant array of indices.
     idx = jnp.broadcast_to(k, shape)
     for d in dims:
-      idx = idx * jnp.uint32(shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, shape, d)
+      idx = (idx * jnp.uint32(full[d]) + jax.lax.broadcasted_iota(jnp.uint32, shape, d)
+             + jnp.uint32(offset[d]))
     return idx
 
   inner = _mix32(keyed_index(range(n_outer, len(shape)), k0))
@@ -60,20 +67,30 @@ def hash_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
   return _mix32((inner + outer) ^ k2)
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None,
-            prng: str = "threefry") -> jax.Array:
-  """Inverted dropout; identity when rate is 0 or no rng is given (evaluation).
-
-  prng 'threefry' and 'rbg' draw the keep mask with jax.random (the key's own generator);
-  'hash' compares `hash_bits` with round(keep * 2^32), which XLA fuses into this select.
-  """
-  if rng is None or rate == 0.0:
-    return x
+def keep_mask(rng: jax.Array, rate: float, shape: Sequence[int], prng: str = "threefry",
+              offset: Sequence[int] | None = None,
+              full_shape: Sequence[int] | None = None) -> jax.Array:
+  """Dropout's keep mask (True with probability 1 - rate), or its block at `offset` of the mask
+  of `full_shape`. prng 'threefry' and 'rbg' draw with jax.random (the key's own generator),
+  the whole mask even for a block; 'hash' compares `hash_bits` with round(keep * 2^32), which
+  XLA fuses into the select that applies it."""
   if prng == "hash":
     threshold = min(round((1.0 - rate) * 2.0**32), 2**32 - 1)
-    keep = hash_bits(rng, x.shape) < jnp.uint32(threshold)
-  else:
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return hash_bits(rng, shape, offset, full_shape) < jnp.uint32(threshold)
+  keep = jax.random.bernoulli(rng, 1.0 - rate, tuple(full_shape or shape))
+  if offset is None:
+    return keep
+  return jax.lax.slice(keep, tuple(offset), tuple(o + n for o, n in zip(offset, shape)))
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None, prng: str = "threefry",
+            offset: Sequence[int] | None = None,
+            full_shape: Sequence[int] | None = None) -> jax.Array:
+  """Inverted dropout; identity when rate is 0 or no rng is given (evaluation). With `offset`
+  and `full_shape`, x is that block of a larger array and gets that block of its mask."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = keep_mask(rng, rate, x.shape, prng, offset, full_shape)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 

@@ -32,9 +32,9 @@ def numpy_attention(q, k, v, q_seg, kv_seg):
   return out, allowed.any(-1)
 
 
-@pytest.mark.parametrize("impl", ["xla", "jax"])
+@pytest.mark.parametrize("impl,query_blocks", [("xla", 1), ("xla", 3), ("jax", 1)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
-def test_attention_matches_numpy(impl, heads, kv_heads):
+def test_attention_matches_numpy(impl, query_blocks, heads, kv_heads):
   rng = np.random.default_rng(0)
   b, l, d = 2, 9, 8
   q = rng.normal(size=(b, l, heads, d)).astype(np.float32)
@@ -43,14 +43,15 @@ def test_attention_matches_numpy(impl, heads, kv_heads):
   # Row 0: left padding (segment 0) then one document; row 1: three packed documents.
   seg = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 2, 2, 3, 3, 3, 3]], np.int32)
   mask = make_mask(jnp.asarray(seg), jnp.asarray(seg), jnp.arange(l), jnp.arange(l))
-  got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl))
+  got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl,
+                          query_blocks=query_blocks))
   want, real = numpy_attention(q, k, v, seg, seg)
   assert np.isfinite(got).all(), "padding rows must stay finite"
   np.testing.assert_allclose(got[real], want[real], atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["xla", "jax"])
-def test_attention_dropout_drops_probabilities(impl):
+@pytest.mark.parametrize("impl,query_blocks", [("xla", 1), ("xla", 7), ("jax", 1)])
+def test_attention_dropout_drops_probabilities(impl, query_blocks):
   """Probabilities dropped after the softmax with inverted scaling, against NumPy given the
   keep mask; without an rng (evaluation) dropout is off."""
   rng = np.random.default_rng(3)
@@ -61,7 +62,8 @@ def test_attention_dropout_drops_probabilities(impl):
   seg = np.ones((b, l), np.int32)
   mask = make_mask(jnp.asarray(seg), jnp.asarray(seg), jnp.arange(l), jnp.arange(l))
   key = jax.random.key(5)
-  got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl, rate, key))
+  got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl, rate, key,
+                          query_blocks=query_blocks))
   # The keep mask over (batch, kv head, query head in group, query, key) = heads h = g * R + r.
   keep = np.asarray(jax.random.bernoulli(key, 1.0 - rate, (b, kv_heads, heads // kv_heads, l, l)))
   keep = keep.reshape(b, heads, l, l)
