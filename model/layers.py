@@ -54,11 +54,16 @@ def hash_bits(key: jax.Array, shape: Sequence[int], offset: Sequence[int] | None
   k0, k1, k2 = jax.random.bits(key, (3,), jnp.uint32)
 
   def keyed_index(dims, k):
-    # k * size + flat index (mod 2^32): a bijection of the index that depends on the key, so
-    # XLA cannot hoist it out of a scanned layer as a loop-invariant array of indices.
+    # k * size + flat index (mod 2^32): a bijection of the index that depends on the key.
+    # The 1-D index vectors pass an optimization barrier with the key, so neither JAX's scan nor
+    # XLA hoists them out of a scanned layer as whole arrays of indices: the broadcasts stay in
+    # the fusion that uses them, and the indices are made in registers.
+    dims = tuple(dims)
+    iotas, k = jax.lax.optimization_barrier(
+        ([jnp.arange(shape[d], dtype=jnp.uint32) for d in dims], k))
     idx = jnp.broadcast_to(k, shape)
-    for d in dims:
-      idx = (idx * jnp.uint32(full[d]) + jax.lax.broadcasted_iota(jnp.uint32, shape, d)
+    for d, iota in zip(dims, iotas):
+      idx = (idx * jnp.uint32(full[d]) + jax.lax.broadcast_in_dim(iota, shape, (d,))
              + jnp.uint32(offset[d]))
     return idx
 
