@@ -76,9 +76,10 @@ def attend(q_BxLxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
 
   query_blocks > 1 (einsum path, causal self-attention without a cache: query i and key i are
   the same slot; ignored unless it divides L == T) splits the queries into that many blocks,
-  and block j attends only keys before its end: the softmax of each row is still over all its visible keys, so the result
-  is the same, and the masked upper blocks are never computed (about 5/8 of the work with 4
-  blocks). Dropout masks are the same blocks of the whole masks.
+  and block j attends only keys before its end. The softmax of each row is still over all its
+  visible keys, so every row that has one gets the same result (padding rows differ), and the
+  masked upper blocks are never computed (about 5/8 of the work with 4 blocks). Dropout masks
+  are the same blocks of the whole masks.
   """
   b, l, h, k = q_BxLxHxK.shape
   g = k_BxTxGxK.shape[2]

@@ -45,6 +45,8 @@ def hash_bits(key: jax.Array, shape: Sequence[int], offset: Sequence[int] | None
   its own slice of the same global bits, whatever the sharding.
   """
   shape = tuple(shape)
+  if (offset is None) != (full_shape is None):
+    raise ValueError("hash_bits: give offset and full_shape together, or neither")
   full = shape if full_shape is None else tuple(full_shape)
   offset = (0,) * len(shape) if offset is None else tuple(offset)
   n_outer = max(len(full) - 2, 0)
@@ -76,9 +78,11 @@ def keep_mask(rng: jax.Array, rate: float, shape: Sequence[int], prng: str = "th
               offset: Sequence[int] | None = None,
               full_shape: Sequence[int] | None = None) -> jax.Array:
   """Dropout's keep mask (True with probability 1 - rate), or its block at `offset` of the mask
-  of `full_shape`. prng 'threefry' and 'rbg' draw with jax.random (the key's own generator),
-  the whole mask even for a block; 'hash' compares `hash_bits` with round(keep * 2^32), which
+  of `full_shape`. For prng 'threefry' and 'rbg' the draw is jax.random.bernoulli with the
+  key's own generator (the key's type decides which), the whole mask even for a block; 'hash' compares `hash_bits` with round(keep * 2^32), which
   XLA fuses into the select that applies it."""
+  if (offset is None) != (full_shape is None):
+    raise ValueError("keep_mask: give offset and full_shape together, or neither")
   if prng == "hash":
     threshold = min(round((1.0 - rate) * 2.0**32), 2**32 - 1)
     return hash_bits(rng, shape, offset, full_shape) < jnp.uint32(threshold)

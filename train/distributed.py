@@ -50,6 +50,10 @@ def initialize(cfg: Mapping[str, Any] | None) -> str:
   process_id = int(cfg.get("process_id", -1))
   if cfg.get("xla_flags", ""):
     # XLA reads XLA_FLAGS once, when JAX starts its first backend: this must run before that.
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+      raise ValueError(f"distributed.xla_flags={cfg['xla_flags']!r} came after JAX started "
+                       "its backend, so XLA would ignore it: set it before any JAX computation")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {cfg['xla_flags']}".strip()
   if cfg.get("local_device_count", 0):
     # Simulated host devices (CPU only); wins over XLA_FLAGS --xla_force_host_platform_device_count.

@@ -86,6 +86,10 @@ def build(config, workdir: str) -> Run:
   os.makedirs(workdir, exist_ok=True)
   train_cfg = section(TrainConfig, config.train, "train")
   data_cfg = section(corpus.DataConfig, config.data, "data")
+  blocks = config.model.get("attention_query_blocks", 1)
+  if isinstance(blocks, int) and blocks > 1 and data_cfg.seq_len % blocks:
+    raise ValueError(f"model.attention_query_blocks={blocks} must divide "
+                     f"data.seq_len={data_cfg.seq_len} (other lengths would run unblocked)")
   tokenizer, train_dir, val_dir = distributed.primary_first(  # one process writes the shared data
       lambda: corpus.build(data_cfg, workdir, progress=train_cfg.progress))
   model_fields = dict(config.model)

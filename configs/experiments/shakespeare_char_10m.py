@@ -14,8 +14,8 @@ def get_config():
   c.model.attention_dropout = 0.2
   # Memory: scanned layers that keep only their matmul outputs for the backward pass need
   # under half of the unscanned stack's peak (3.3 against 7.4 GiB on CPU). Hash masks are
-  # computed inside the fusions that apply them: 7.8 s per step against 10.7 s with
-  # RngBitGenerator masks and 12 s with threefry's (docs/benchmarks.md).
+  # computed inside the fusions that apply them: 9.1 s per step against 10.7 s with
+  # RngBitGenerator masks (docs/benchmarks.md).
   c.model.scan_layers = True
   c.model.remat = "dots"
   c.model.dropout_prng = "hash"

@@ -81,7 +81,6 @@ def test_every_parameter_has_logical_axes(name, scan):
     ("attention_dropout", -0.1, "attention_dropout"),
     ("dropout_prng", "philox", "dropout_prng"),
     ("attention_query_blocks", 0, "attention_query_blocks"),
-    ("attention_query_blocks", 3, "must divide max_seq_len"),
     ("norm_eps", 0.0, "norm_eps"),
     ("rope_theta", -1.0, "rope_theta"),
     ("init_std", 0.0, "init_std"),

@@ -132,6 +132,9 @@ def test_attention_query_blocks_train_like_one_block(name):
         nnx.merge(g, p)(toks, dropout_rng=jax.random.key(3)))))(p)
 
   (l1, g1), (l4, g4) = loss(one), loss(four)
+  dots = lambda m: str(jax.make_jaxpr(lambda p: nnx.merge(nnx.graphdef(m), p)(toks))(
+      nnx.state(m))).count("dot_general")
+  assert dots(four) - dots(one) == 2 * 3, "4 blocks: 8 attention matmuls per layer, not 2"
   np.testing.assert_allclose(l4, l1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                nnx.to_pure_dict(g4), nnx.to_pure_dict(g1))

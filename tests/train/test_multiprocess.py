@@ -73,11 +73,17 @@ def test_xla_flags_reach_xla_before_jax_starts():
           "distributed.initialize({'coordinator': 'off', "
           "'xla_flags': '--xla_force_host_platform_device_count=3'}); "
           "import jax, os; print(jax.device_count(), os.environ['XLA_FLAGS'])")
-  env = dict(_env(), XLA_FLAGS="--xla_dump_hlo_as_text")
+  env = dict(_env(), XLA_FLAGS="--xla_cpu_enable_fast_math=false")
   out = subprocess.run([sys.executable, "-c", code], env=env,
                        capture_output=True, text=True, check=True, cwd=REPO)
-  assert out.stdout.split() == ["3", "--xla_dump_hlo_as_text",
+  assert out.stdout.split() == ["3", "--xla_cpu_enable_fast_math=false",
                                 "--xla_force_host_platform_device_count=3"]
+  # Once JAX has a backend, the flags could no longer reach XLA: that is an error, not a no-op.
+  code = ("import jax; jax.devices(); from train import distributed; "
+          "distributed.initialize({'coordinator': 'off', 'xla_flags': '--xla_foo'})")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=REPO)
+  assert out.returncode != 0 and "distributed.xla_flags" in out.stderr
 
 
 def _env():

@@ -1,6 +1,7 @@
 """The train step: overfitting, gradient accumulation, optimizer details, checkpoint restore
 onto another layout."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +189,17 @@ def test_inference_load_of_an_fsdp8_checkpoint_lands_on_one_device(tmp_path):
   table = params["embed"]["table_VxD"]
   assert table.sharding.device_set == {jax.devices()[0]}
   np.testing.assert_array_equal(table, np.asarray(state.params["embed"]["table_VxD"]))
+
+
+def test_query_blocks_must_divide_the_training_length(tmp_path):
+  """Checked before any data is prepared: blocks that do not divide seq_len would silently
+  run unblocked."""
+  from configs.experiments import tiny_test
+  from train import loop
+
+  config = tiny_test.get_config()
+  config.model.attention_query_blocks = 3  # seq_len is 32
+  with pytest.raises(ValueError, match=r"model.attention_query_blocks=3 must divide "
+                                       r"data.seq_len=32"):
+    loop.build(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
