@@ -10,7 +10,7 @@ from flax import nnx
 
 from model import axes
 from model.config import ModelConfig
-from model.layers import Dense, dropout, keep_mask
+from model.layers import Dense, dropout
 
 
 class KVCache(NamedTuple):
@@ -96,9 +96,7 @@ def attend(q_BxLxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
   if t != l or l % query_blocks:
     query_blocks = 1  # the same result unblocked: blocks need L == T, split evenly
   full_shape = (b, g, h // g, l, t)
-  keep_full = None
-  if drop and dropout_prng != "hash" and query_blocks > 1:
-    keep_full = keep_mask(dropout_rng, dropout_rate, full_shape, dropout_prng)
+  big_neg = jnp.finfo(jnp.float32).min
   size = l // query_blocks
   outs = []
   for j in range(query_blocks):  # static: every block is its own pair of matmuls
@@ -107,14 +105,10 @@ def attend(q_BxLxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
     logits_BxGxRxLxT = jnp.einsum("bgrlk,bgtk->bgrlt", q_BxGxRxLxK[:, :, :, lo:hi],
                                   k_BxGxTxK[:, :, :end],
                                   preferred_element_type=jnp.float32) * scale
-    big_neg = jnp.finfo(jnp.float32).min
     logits_BxGxRxLxT = jnp.where(mask_BxLxT[:, None, None, lo:hi, :end], logits_BxGxRxLxT,
                                  big_neg)
     probs_BxGxRxLxT = jax.nn.softmax(logits_BxGxRxLxT, axis=-1)
-    if keep_full is not None:
-      probs_BxGxRxLxT = jnp.where(keep_full[:, :, :, lo:hi, :end],
-                                  probs_BxGxRxLxT / (1.0 - dropout_rate), 0.0)
-    elif drop:
+    if drop:  # jax.random masks are drawn whole for each block; XLA keeps one copy (CSE)
       probs_BxGxRxLxT = dropout(probs_BxGxRxLxT, dropout_rate, dropout_rng, dropout_prng,
                                 (0, 0, 0, lo, 0), full_shape)
     outs.append(jnp.einsum("bgrlt,bgtk->bgrlk", probs_BxGxRxLxT.astype(v_BxTxGxK.dtype),

@@ -78,9 +78,12 @@ def keep_mask(rng: jax.Array, rate: float, shape: Sequence[int], prng: str = "th
               offset: Sequence[int] | None = None,
               full_shape: Sequence[int] | None = None) -> jax.Array:
   """Dropout's keep mask (True with probability 1 - rate), or its block at `offset` of the mask
-  of `full_shape`. For prng 'threefry' and 'rbg' the draw is jax.random.bernoulli with the
-  key's own generator (the key's type decides which), the whole mask even for a block; 'hash' compares `hash_bits` with round(keep * 2^32), which
-  XLA fuses into the select that applies it."""
+  of `full_shape`.
+
+  For prng 'threefry' and 'rbg' the draw is jax.random.bernoulli with the key's own generator
+  (the key's type decides which), of the whole mask even for a block. 'hash' compares
+  `hash_bits` with round(keep * 2^32), which XLA fuses into the select that applies it.
+  """
   if (offset is None) != (full_shape is None):
     raise ValueError("keep_mask: give offset and full_shape together, or neither")
   if prng == "hash":
