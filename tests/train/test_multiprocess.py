@@ -84,6 +84,11 @@ def test_xla_flags_reach_xla_before_jax_starts():
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=REPO)
   assert out.returncode != 0 and "distributed.xla_flags" in out.stderr
+  # ... unless XLA_FLAGS already held them when JAX started (e.g. a profiler script set them).
+  code = code.replace("--xla_foo", "--xla_cpu_enable_fast_math=false") + "; print('ok')"
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=REPO, check=True)
+  assert out.stdout.split() == ["ok"]
 
 
 def _env():
