@@ -32,7 +32,7 @@ def _model_overrides(pairs: list[str]) -> dict:
 
 
 def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = None,
-         devices: int = 0) -> dict:
+         devices: int = 0, grad_reduce: str = "") -> dict:
   """Our jitted train step on CPU with batches from the real data pipeline: on the config's
   CPU devices (distributed.local_device_count, data-parallel over all of them), or on
   `devices` of them when given."""
@@ -69,9 +69,13 @@ def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = Non
                          seed=0)
   bsh = {k: partitioning.batch_sharding(mesh, layout.rules) for k in
          ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  grad_reduce = grad_reduce or config.mesh.grad_reduce
+  if n_dev == 1:
+    grad_reduce = "xla"
+  partitioning.check_grad_reduce(grad_reduce, mesh, layout.rules, shardings.params)
   step = steplib.jit_train_step(shardings, bsh, graphdef=graphdef, loss_fn=losses.lm_loss,
                                 optimizer=optimizer, lr_schedule=optim.schedule(opt_cfg),
-                                mesh=mesh, rules=layout.rules)
+                                mesh=mesh, rules=layout.rules, grad_reduce=grad_reduce)
   batches = [partitioning.shard_batch(next(it), mesh, layout.rules) for _ in range(8)]
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0]).compile()
@@ -90,7 +94,7 @@ def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = Non
   peak = metrics.measure_peak_flops()
   flops = metrics.flops_per_token(model_cfg, n_params, data_cfg.seq_len)
   variant = (f"remat {model_cfg.remat}{', scan' if model_cfg.scan_layers else ''}"
-             f"{f', dp over {n_dev} devices' if n_dev > 1 else ''}")
+             f"{f', dp over {n_dev} devices, grad_reduce {grad_reduce}' if n_dev > 1 else ''}")
   return {"impl": f"fromscratch ({variant})", "config": config_name, "params": n_params,
           "compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
           "mfu": tokens / step_s * flops / peak, "peak_flops": peak,
@@ -204,6 +208,8 @@ def main():
   ap.add_argument("--impl", default="all", choices=("all", "ours", "eager", "compile"))
   ap.add_argument("--devices", type=int, default=0,
                   help="CPU devices for ours (data-parallel); 0: the config's")
+  ap.add_argument("--grad-reduce", default="", choices=("", "xla", "flat"),
+                  help="ours: mesh.grad_reduce; '': the config's")
   ap.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                   help="override a model field for ours, e.g. --model remat=full (repeatable)")
   args = ap.parse_args()
@@ -213,6 +219,7 @@ def main():
       out = subprocess.run([sys.executable, "-m", "bench.train", "--config", args.config,
                             "--steps", str(args.steps), "--warmup", str(args.warmup),
                             "--impl", impl, "--devices", str(args.devices),
+                            "--grad-reduce", args.grad_reduce,
                             *[f"--model={m}" for m in args.model]],
                            capture_output=True, text=True, check=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -228,7 +235,7 @@ def main():
     return
   if args.impl == "ours":
     print(json.dumps(ours(args.config, args.steps, args.warmup, _model_overrides(args.model),
-                          args.devices)))
+                          args.devices, args.grad_reduce)))
   else:
     print(json.dumps(peer(args.config, args.steps, args.warmup, args.impl == "compile")))
 

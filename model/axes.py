@@ -55,6 +55,17 @@ def axis_rules(mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, object]]):
     _RULES.reset(token)
 
 
+@contextlib.contextmanager
+def manual():
+  """Within this context `constrain` is a no-op: for per-device code inside shard_map, whose
+  arrays are already each device's own piece."""
+  token = _RULES.set(None)
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
 def logical_to_spec(logical: Sequence[str | None], rules: dict) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec; unmapped names are replicated."""
   return PartitionSpec(*(None if name is None else rules.get(name) for name in logical))

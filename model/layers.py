@@ -1,6 +1,8 @@
 """Building blocks: dense layers, embeddings, norms, MLPs and dropout, each with logical axes."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -66,12 +68,29 @@ def hash_bits(key: jax.Array, shape: Sequence[int], offset: Sequence[int] | None
     idx = jnp.broadcast_to(k, shape)
     for d, iota in zip(dims, iotas):
       idx = (idx * jnp.uint32(full[d]) + jax.lax.broadcast_in_dim(iota, shape, (d,))
-             + jnp.uint32(offset[d]))
+             + jnp.asarray(offset[d]).astype(jnp.uint32))
     return idx
 
   inner = _mix32(keyed_index(range(n_outer, len(shape)), k0))
   outer = _mix32(keyed_index(range(n_outer), k1) * jnp.uint32(0x9E3779B9))
   return _mix32((inner + outer) ^ k2)
+
+
+_BATCH_SHARD: contextvars.ContextVar = contextvars.ContextVar("fromscratch_batch_shard",
+                                                              default=None)
+
+
+@contextlib.contextmanager
+def batch_shard(index, count: int):
+  """Within this context every array's leading axis holds shard `index` (may be traced, e.g.
+  `jax.lax.axis_index`) of `count` equal, contiguous shards of the batch. `dropout` then
+  applies that shard's rows of the whole batch's mask, so per-device code inside shard_map
+  drops exactly what the same step on one device would."""
+  token = _BATCH_SHARD.set((index, int(count)))
+  try:
+    yield
+  finally:
+    _BATCH_SHARD.reset(token)
 
 
 def keep_mask(rng: jax.Array, rate: float, shape: Sequence[int], prng: str = "threefry",
@@ -92,7 +111,7 @@ def keep_mask(rng: jax.Array, rate: float, shape: Sequence[int], prng: str = "th
   keep = jax.random.bernoulli(rng, 1.0 - rate, tuple(full_shape or shape))
   if offset is None:
     return keep
-  return jax.lax.slice(keep, tuple(offset), tuple(o + n for o, n in zip(offset, shape)))
+  return jax.lax.dynamic_slice(keep, tuple(offset), tuple(shape))
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None, prng: str = "threefry",
@@ -102,6 +121,13 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None, prng: str = "three
   and `full_shape`, x is that block of a larger array and gets that block of its mask."""
   if rng is None or rate == 0.0:
     return x
+  shard = _BATCH_SHARD.get()
+  if shard is not None:  # x is rows [index * B, (index + 1) * B) of a batch of count * B rows
+    index, count = shard
+    offset = (0,) * x.ndim if offset is None else tuple(offset)
+    full_shape = x.shape if full_shape is None else tuple(full_shape)
+    offset = (index * x.shape[0] + offset[0],) + offset[1:]
+    full_shape = (count * full_shape[0],) + full_shape[1:]
   keep = keep_mask(rng, rate, x.shape, prng, offset, full_shape)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 

@@ -112,6 +112,7 @@ def build(config, workdir: str) -> Run:
   opt_cfg = section(optim.OptimConfig, opt_fields, "opt")
 
   mesh_cfg = dict(config.mesh)
+  grad_reduce = mesh_cfg.pop("grad_reduce", "xla")
   layout = partitioning.load_layout(mesh_cfg.pop("layout"), mesh_cfg)
   mesh = partitioning.make_mesh(layout)
   rules = layout.rules
@@ -127,6 +128,7 @@ def build(config, workdir: str) -> Run:
       lambda: Transformer(model_cfg, rngs=nnx.Rngs(train_cfg.seed)), opt_cfg, mesh, rules,
       train_cfg.seed)
   param_shardings = state_shardings.params
+  partitioning.check_grad_reduce(grad_reduce, mesh, rules, param_shardings)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
   keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -134,7 +136,8 @@ def build(config, workdir: str) -> Run:
   loss_fn = lambda model, batch, rng: losses.lm_loss(model, batch, rng, z_loss=train_cfg.z_loss)
   train_step = steplib.jit_train_step(
       state_shardings, batch_shardings, graphdef=graphdef, loss_fn=loss_fn, optimizer=optimizer,
-      lr_schedule=optim.schedule(opt_cfg), grad_accum=opt_cfg.grad_accum, mesh=mesh, rules=rules)
+      lr_schedule=optim.schedule(opt_cfg), grad_accum=opt_cfg.grad_accum, mesh=mesh, rules=rules,
+      grad_reduce=grad_reduce)
   eval_step = steplib.jit_eval_step(param_shardings, batch_shardings, graphdef=graphdef,
                                     loss_fn=loss_fn, mesh=mesh, rules=rules)
   return Run(config, workdir, model_cfg, data_cfg, opt_cfg, train_cfg, tokenizer, train_dir,

@@ -200,6 +200,36 @@ def batch_divisor(mesh: Mesh, rules) -> int:
   return math.prod(mesh.shape[m] for m in _mesh_axes_of(dict(rules).get(BATCH_AXIS)))
 
 
+GRAD_REDUCES = ("xla", "flat")
+
+
+def batch_mesh_axes(rules) -> tuple[str, ...]:
+  """The mesh axes the batch's leading dim is split over."""
+  return _mesh_axes_of(dict(rules).get(BATCH_AXIS))
+
+
+def check_grad_reduce(grad_reduce: str, mesh: Mesh, rules, param_shardings) -> None:
+  """mesh.grad_reduce='flat' needs pure data parallelism: replicated parameters, and no mesh
+  axis of size > 1 other than the batch's."""
+  if grad_reduce not in GRAD_REDUCES:
+    raise PartitionError(f"mesh.grad_reduce={grad_reduce!r} is unknown; choose one of "
+                         f"{', '.join(GRAD_REDUCES)}")
+  if grad_reduce == "xla":
+    return
+  batch = batch_mesh_axes(rules)
+  other = {a: n for a, n in mesh.shape.items() if n > 1 and a not in batch}
+  if other:
+    raise PartitionError(f"mesh.grad_reduce='flat' is data parallelism only, but mesh axes "
+                         f"{other} of mesh {dict(mesh.shape)} do not split the batch: use "
+                         f"mesh.grad_reduce='xla' with this layout")
+  for path, sharding in jax.tree_util.tree_leaves_with_path(
+      param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+    if not sharding.is_fully_replicated:
+      raise PartitionError(f"mesh.grad_reduce='flat' needs replicated parameters, but "
+                           f"{jax.tree_util.keystr(path)} is split as {sharding.spec}: use "
+                           f"mesh.grad_reduce='xla' with this layout")
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, rules, grad_accum: int = 1) -> None:
   """The global batch splits evenly over the batch's mesh axes in every microbatch."""
   split = batch_divisor(mesh, rules)

@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec
 
-from model import axes
+from model import axes, layers
 from train import optim, partitioning
 
 # loss_fn(model, batch, rng or None) -> (loss_sum, count, metric sums)
@@ -91,14 +93,50 @@ def compute_grads(graphdef, loss_fn, params, batch, rng, grad_accum: int):
   return loss_sum, count, metrics, grads
 
 
+def flat_data_parallel_grads(graphdef, loss_fn, params, batch, rng, grad_accum: int, mesh,
+                             rules):
+  """compute_grads with manual data parallelism: each device takes its shard of the batch, and
+  one all-reduce sums every device's loss, count, metric sums and gradients as a single flat
+  vector.
+
+  Under jit's automatic partitioning the reductions are placed after each weight-gradient
+  matmul, one per parameter, and XLA:CPU runs such a combined all-reduce one operand at a time
+  (a device rendezvous each). The result is the same sums (up to float summation order), and
+  dropout is the same too: each device applies its rows of the whole batch's masks
+  (`layers.batch_shard`). Needs replicated parameters (`partitioning.check_grad_reduce`).
+
+  check_vma=False keeps the per-device gradients local: with it on, JAX would psum the
+  gradient of each replicated parameter by itself, which is what this avoids.
+  """
+  batch_axes = partitioning.batch_mesh_axes(rules)
+  n_shards = partitioning.batch_divisor(mesh, rules)
+
+  def local(params, batch, rng):
+    with axes.manual(), layers.batch_shard(jax.lax.axis_index(batch_axes), n_shards):
+      out = compute_grads(graphdef, loss_fn, params, batch, rng, grad_accum)
+    flat, unravel = ravel_pytree(out)
+    return unravel(jax.lax.psum(flat, batch_axes))
+
+  replicated, split = PartitionSpec(), PartitionSpec(batch_axes)
+  return jax.shard_map(local, mesh=mesh, in_specs=(replicated, split, replicated),
+                       out_specs=replicated, check_vma=False)(params, batch, rng)
+
+
 def train_step(state: TrainState, batch, *, graphdef, loss_fn: LossFn,
                optimizer: optax.GradientTransformation, lr_schedule, grad_accum: int = 1,
-               mesh=None, rules=()):
-  """One optimizer update from one global batch (split into grad_accum microbatches)."""
+               mesh=None, rules=(), grad_reduce: str = "xla"):
+  """One optimizer update from one global batch (split into grad_accum microbatches).
+
+  grad_reduce 'xla' leaves the gradient reductions to jit's partitioner; 'flat' computes them
+  with `flat_data_parallel_grads` (pure data parallelism on `mesh`)."""
   with (axes.axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()):
     rng = jax.random.fold_in(state.rng, state.step)
-    loss_sum, count, metric_sums, grads = compute_grads(graphdef, loss_fn, state.params, batch, rng,
-                                                 grad_accum)
+    if grad_reduce == "flat" and mesh is not None and mesh.size > 1:
+      loss_sum, count, metric_sums, grads = flat_data_parallel_grads(
+          graphdef, loss_fn, state.params, batch, rng, grad_accum, mesh, rules)
+    else:
+      loss_sum, count, metric_sums, grads = compute_grads(graphdef, loss_fn, state.params, batch,
+                                                          rng, grad_accum)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -1,5 +1,6 @@
 """Every sharding layout trains exactly like one device, and places parameters as its rules say."""
 import functools
+import re
 
 import jax
 import numpy as np
@@ -40,7 +41,7 @@ def batches():
   return out
 
 
-def build(layout, devices, grad_accum=1, cfg=CFG):
+def build(layout, devices, grad_accum=1, cfg=CFG, grad_reduce="xla"):
   """Mesh, sharded TrainState and jitted step, wired as train/loop.py's `build` does."""
   mesh = partitioning.make_mesh(layout, devices)
   rules = layout.rules
@@ -48,36 +49,43 @@ def build(layout, devices, grad_accum=1, cfg=CFG):
                               eps=EPS, clip_norm=CLIP, grad_accum=grad_accum)
   graphdef, state, state_shardings, optimizer = steplib.init_sharded(
       lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, rules, seed=0)
+  partitioning.check_grad_reduce(grad_reduce, mesh, rules, state_shardings.params)
   batch_shardings = {k: partitioning.batch_sharding(mesh, rules) for k in batches()[0]}
   step = steplib.jit_train_step(
       state_shardings, batch_shardings, graphdef=graphdef, loss_fn=losses.lm_loss,
       optimizer=optimizer, lr_schedule=optim.schedule(opt_cfg), grad_accum=grad_accum,
-      mesh=mesh, rules=rules)
+      mesh=mesh, rules=rules, grad_reduce=grad_reduce)
   return mesh, state, step
 
 
 @functools.lru_cache(maxsize=None)
 def trained(case):
-  """(layout, mesh, final state, per-step (loss, grad norm)) of a CASES entry, built once."""
-  name, sizes, n_devices, grad_accum, _, *model = CASES[case]
-  layout = partitioning.load_layout(name, sizes)
-  cfg = CFG.replace(**model[0]) if model else CFG
-  return (layout,) + train(layout, jax.devices()[:n_devices], grad_accum, cfg)
+  """(layout, mesh, final state, per-step (loss, grad norm), step) of a CASES entry, built once."""
+  c = CASES[case]
+  layout = partitioning.load_layout(c["layout"], c.get("sizes", {}))
+  cfg = CFG.replace(**c.get("model", {}))
+  return (layout,) + train(layout, jax.devices()[:c["devices"]], c.get("grad_accum", 1), cfg,
+                           c.get("grad_reduce", "xla"))
 
 
-def train(layout, devices, grad_accum=1, cfg=CFG):
-  mesh, state, step = build(layout, devices, grad_accum, cfg)
+def train(layout, devices, grad_accum=1, cfg=CFG, grad_reduce="xla"):
+  mesh, state, step = build(layout, devices, grad_accum, cfg, grad_reduce)
   loss_history = []
+  first = None
   for batch in batches():
-    state, metrics = step(state, partitioning.shard_batch(batch, mesh, layout.rules))
+    sharded = partitioning.shard_batch(batch, mesh, layout.rules)
+    if first is None:
+      first = step.lower(state, sharded).compile()  # for tests that read the compiled HLO
+    state, metrics = step(state, sharded)
     loss_history.append((float(metrics["loss"]), float(metrics["grad_norm"])))
-  return mesh, state, np.array(loss_history)
+  return mesh, state, np.array(loss_history), first
 
 
 @functools.lru_cache(maxsize=None)
-def one_device(model_items=()):
+def one_device(model_items=(), grad_accum=1):
   layout = partitioning.load_layout("dp")
-  _, state, loss_history = train(layout, jax.devices()[:1], cfg=CFG.replace(**dict(model_items)))
+  _, state, loss_history, _ = train(layout, jax.devices()[:1], grad_accum,
+                                    CFG.replace(**dict(model_items)))
   return jax.device_get(state.params), loss_history
 
 
@@ -92,30 +100,45 @@ def logical_axes_by_path():
 
 
 DROPOUT = {"dropout": 0.2, "attention_dropout": 0.2, "dropout_prng": "hash"}
+# Each case: layout file, mesh size overrides, device count, the mesh expected, and optionally
+# grad_accum, model field overrides, grad_reduce, and the one-device reference's grad_accum
+# ("ref_accum", default 1: a plain single batch).
 CASES = {
-    # name: (layout, mesh size overrides, device count, grad_accum, expected mesh[, model
-    # field overrides])
-    "dp8": ("dp", {}, 8, 1, {"data": 8, "fsdp": 1, "tensor": 1}),
-    "fsdp8": ("fsdp", {}, 8, 1, {"data": 1, "fsdp": 8, "tensor": 1}),
-    "tp4": ("tp", {}, 4, 1, {"data": 1, "fsdp": 1, "tensor": 4}),
-    "fsdp4_tp2": ("fsdp_tp", {"fsdp": 4, "tensor": 2}, 8, 1, {"data": 1, "fsdp": 4, "tensor": 2}),
+    "dp8": dict(layout="dp", devices=8, mesh={"data": 8, "fsdp": 1, "tensor": 1}),
+    "fsdp8": dict(layout="fsdp", devices=8, mesh={"data": 1, "fsdp": 8, "tensor": 1}),
+    "tp4": dict(layout="tp", devices=4, mesh={"data": 1, "fsdp": 1, "tensor": 4}),
+    "fsdp4_tp2": dict(layout="fsdp_tp", sizes={"fsdp": 4, "tensor": 2}, devices=8,
+                      mesh={"data": 1, "fsdp": 4, "tensor": 2}),
     # Two microbatches against one device's single batch: accumulation on the mesh is exact.
-    "dp2_fsdp2_tp2_accum2": ("dp_fsdp_tp", {}, 8, 2, {"data": 2, "fsdp": 2, "tensor": 2}),
+    "dp2_fsdp2_tp2_accum2": dict(layout="dp_fsdp_tp", devices=8, grad_accum=2,
+                                 mesh={"data": 2, "fsdp": 2, "tensor": 2}),
     # Hash dropout masks on every activation and attention probability: each shard computes
     # its slice of the same global masks, so the run matches one device's with dropout.
-    "dp2_fsdp2_tp2_hash_dropout": ("dp_fsdp_tp", {}, 8, 1, {"data": 2, "fsdp": 2, "tensor": 2},
-                                   DROPOUT),
+    "dp2_fsdp2_tp2_hash_dropout": dict(layout="dp_fsdp_tp", devices=8, model=DROPOUT,
+                                       mesh={"data": 2, "fsdp": 2, "tensor": 2}),
+    # grad_reduce 'flat': manual data parallelism with one flat all-reduce.
+    "dp8_flat": dict(layout="dp", devices=8, grad_reduce="flat",
+                     mesh={"data": 8, "fsdp": 1, "tensor": 1}),
+    # ... where each device applies its rows of the whole batch's hash masks,
+    "dp4_flat_hash_dropout": dict(layout="dp", sizes={"data": 4}, devices=4, model=DROPOUT,
+                                  grad_reduce="flat", mesh={"data": 4, "fsdp": 1, "tensor": 1}),
+    # ... and of each microbatch's jax.random masks, against one device accumulating the same
+    # two microbatches (every other row) with the same masks.
+    "dp2_flat_accum2_threefry_dropout": dict(
+        layout="dp", sizes={"data": 2}, devices=2, grad_accum=2, ref_accum=2,
+        model=dict(DROPOUT, dropout_prng="threefry"), grad_reduce="flat",
+        mesh={"data": 2, "fsdp": 1, "tensor": 1}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_trains_like_one_device(case):
-  n_devices, expected_mesh = CASES[case][2], CASES[case][4]
-  layout, mesh, state, loss_history = trained(case)
-  assert dict(mesh.shape) == expected_mesh
+  c = CASES[case]
+  layout, mesh, state, loss_history, _ = trained(case)
+  assert dict(mesh.shape) == c["mesh"]
 
-  model = CASES[case][5] if len(CASES[case]) > 5 else {}
-  ref_params, ref_losses = one_device(tuple(sorted(model.items())))  # the same model
+  ref_params, ref_losses = one_device(tuple(sorted(c.get("model", {}).items())),  # same model
+                                      c.get("ref_accum", 1))
   np.testing.assert_allclose(
       loss_history, ref_losses, rtol=1e-5,
       err_msg=f"{case}: the (loss, grad norm) of each step differ from one device's, so this "
@@ -139,7 +162,7 @@ def test_layout_trains_like_one_device(case):
         for n, entry in zip(arr.shape, tuple(spec) + (None,) * (arr.ndim - len(spec))))
     for shard in arr.addressable_shards:
       assert shard.data.shape == want_shape, (case, key, shard.data.shape, want_shape)
-  assert len(state.params["blocks"][0]["attn"]["q"]["kernel"].addressable_shards) == n_devices
+  assert len(state.params["blocks"][0]["attn"]["q"]["kernel"].addressable_shards) == c["devices"]
 
 
 def test_layouts_split_what_their_names_say():
@@ -155,3 +178,19 @@ def test_layouts_split_what_their_names_say():
     rules = dict(partitioning.load_layout(name).rules)
     assert axes.logical_to_spec(q, rules) == want[name], name
     assert partitioning.batch_spec(rules) == P(batch[name], None), name
+
+
+def all_reduces(compiled):
+  """The result shapes of the all-reduce instructions in a compiled step's HLO."""
+  return re.findall(r"= (\S+|\(.*?\)) all-reduce\(", compiled.as_text())
+
+
+def test_flat_grad_reduce_is_one_all_reduce_of_one_vector():
+  """'flat' sums every gradient, the loss, the count and the metric sums with one all-reduce of
+  a single vector; 'xla' reduces each gradient separately (a tuple, or one op each)."""
+  params = jax.tree.leaves(trained("dp8_flat")[2].params)
+  n = sum(int(np.prod(p.shape)) for p in params) + 4  # + loss sum, count, nll, accuracy
+  assert all_reduces(trained("dp8_flat")[4]) == [f"f32[{n}]{{0}}"]
+  per_param = all_reduces(trained("dp8")[4])
+  assert per_param and all(r.startswith("(") or r != f"f32[{n}]{{0}}" for r in per_param)
+  assert sum(r.count("f32[") for r in per_param) >= len(params)

@@ -142,3 +142,21 @@ def test_error_names_match_the_model_paths():
   for key in re.findall(r"\[('?)([^\]']+)\1\]", path):
     node = node[int(key[1]) if key[0] == "" else key[1]]
   assert node.shape == (64, 2, 16)
+
+
+def test_flat_grad_reduce_needs_pure_data_parallelism():
+  """mesh.grad_reduce='flat' on a layout that shards parameters or activations is refused,
+  naming the setting, the axes or parameter and what to use instead."""
+  state = abstract_state()
+  for name, sizes, fragments in (("fsdp", None, ["mesh.grad_reduce='flat'", "is split as",
+                                                 "mesh.grad_reduce='xla'"]),
+                                 ("dp_fsdp_tp", None, ["mesh.grad_reduce='flat'", "'tensor': 2",
+                                                       "do not split the batch"])):
+    layout = partitioning.load_layout(name, sizes)
+    mesh = partitioning.make_mesh(layout)
+    shardings = partitioning.to_shardings(
+        partitioning.param_specs(state, mesh, layout.rules), mesh)
+    raises(fragments, partitioning.check_grad_reduce, "flat", mesh, layout.rules, shardings)
+    partitioning.check_grad_reduce("xla", mesh, layout.rules, shardings)  # no error
+  raises(["mesh.grad_reduce='ring'", "xla, flat"], partitioning.check_grad_reduce, "ring",
+         mesh, layout.rules, shardings)
