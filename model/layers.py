@@ -200,6 +200,14 @@ class Norm(nnx.Module):
     return y.astype(self.dtype)
 
 
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+  """GELU: GPT-2's tanh approximation, or exact as x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)),
+  torch's formula. (jax.nn.gelu's exact form goes through erfc, about twice as slow on CPU.)"""
+  if approximate:
+    return jax.nn.gelu(x, approximate=True)
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+
+
 class MLP(nnx.Module):
   """GELU MLP (GPT-2's tanh approximation, or exact erf as torch's nn.GELU) or SwiGLU (LLaMA)."""
 
@@ -216,6 +224,6 @@ class MLP(nnx.Module):
     if self.kind == "swiglu":
       h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
     else:
-      h_BxLxF = jax.nn.gelu(self.up(x_BxLxD), approximate=self.kind == "gelu")
+      h_BxLxF = gelu(self.up(x_BxLxD), approximate=self.kind == "gelu")
     h_BxLxF = axes.constrain(h_BxLxF, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
     return self.down(h_BxLxF)

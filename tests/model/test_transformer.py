@@ -190,3 +190,28 @@ def test_scalar_model_reads_last_real_token():
   assert not sm.trunk.has_lm_head
   with pytest.raises(ValueError, match="no LM head"):
     sm.trunk.logits(jnp.zeros((1, 1, 64)))
+
+
+def test_exact_gelu_and_its_gradient_match_the_closed_form():
+  """mlp='gelu_exact' is x * Phi(x), and its derivative Phi(x) + x * phi(x), against float64
+  math.erf over the range activations take, tails included."""
+  import math
+
+  from model.layers import gelu
+
+  x = np.concatenate([np.linspace(-12, 12, 4001), [-30.0, -1e-3, 0.0, 1e-3, 30.0]])
+  x32 = jnp.asarray(x, jnp.float32)
+  x = np.asarray(x32, np.float64)  # the same points the float32 function sees
+  phi_cdf = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x])
+  want = x * phi_cdf
+  want_grad = phi_cdf + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+  got = np.asarray(jax.jit(lambda v: gelu(v, approximate=False))(x32), np.float64)
+  got_grad = np.asarray(jax.jit(jax.grad(lambda v: gelu(v, approximate=False).sum()))(x32))
+  # Within 1e-6 everywhere (a float32 ulp of 12 is 9.5e-7). For x < -2 the relative error
+  # grows, as in torch's formula: 1 + erf(x / sqrt 2) cancels in float32, and reads 0 past -5.5.
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(got[x >= -2], want[x >= -2], rtol=3e-6, atol=1e-7)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=0, atol=3e-7)
+  # The tanh approximation is a different function: up to ~5e-4 away from the exact one.
+  approx = np.asarray(gelu(x32, approximate=True), np.float64)
+  assert 1e-4 < np.abs(approx - want).max() < 1e-3
