@@ -59,20 +59,18 @@ def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = Non
   data_cfg = section(corpus.DataConfig, config.data, "data")
   tok, train_dir, _ = corpus.build(data_cfg, f"/tmp/fromscratch_bench_{config_name}",
                                    progress=False)
-  model_cfg = ModelConfig(**dict(config.model, vocab_size=tok.vocab_size, **(overrides or {})))
+  model_cfg = ModelConfig(**{**config.model, "vocab_size": tok.vocab_size, **(overrides or {})})
   opt_cfg = optim.OptimConfig(**dict(config.opt, total_steps=config.train.steps))
   layout = partitioning.load_layout("dp", {"data": n_dev})
   mesh = partitioning.make_mesh(layout, jax.devices())
+  grad_reduce = "xla" if n_dev == 1 else (grad_reduce or config.mesh.grad_reduce)
   graphdef, state, shardings, optimizer = steplib.init_sharded(
-      lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, layout.rules, 0)
+      lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, layout.rules, 0,
+      grad_reduce)
   it = pretrain_iterator(train_dir, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
                          seed=0)
   bsh = {k: partitioning.batch_sharding(mesh, layout.rules) for k in
          ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-  grad_reduce = grad_reduce or config.mesh.grad_reduce
-  if n_dev == 1:
-    grad_reduce = "xla"
-  partitioning.check_grad_reduce(grad_reduce, mesh, layout.rules, shardings.params)
   step = steplib.jit_train_step(shardings, bsh, graphdef=graphdef, loss_fn=losses.lm_loss,
                                 optimizer=optimizer, lr_schedule=optim.schedule(opt_cfg),
                                 mesh=mesh, rules=layout.rules, grad_reduce=grad_reduce)

@@ -111,9 +111,8 @@ def build(config, workdir: str) -> Run:
   opt_fields["total_steps"] = opt_fields.get("total_steps") or train_cfg.steps
   opt_cfg = section(optim.OptimConfig, opt_fields, "opt")
 
-  mesh_cfg = dict(config.mesh)
-  grad_reduce = mesh_cfg.pop("grad_reduce", "xla")
-  layout = partitioning.load_layout(mesh_cfg.pop("layout"), mesh_cfg)
+  layout_name, sizes, grad_reduce = partitioning.split_mesh_config(config.mesh)
+  layout = partitioning.load_layout(layout_name, sizes)
   mesh = partitioning.make_mesh(layout)
   rules = layout.rules
   partitioning.check_batch_size(data_cfg.batch_size, mesh, rules, opt_cfg.grad_accum)
@@ -126,9 +125,8 @@ def build(config, workdir: str) -> Run:
 
   graphdef, state, state_shardings, optimizer = steplib.init_sharded(
       lambda: Transformer(model_cfg, rngs=nnx.Rngs(train_cfg.seed)), opt_cfg, mesh, rules,
-      train_cfg.seed)
+      train_cfg.seed, grad_reduce)
   param_shardings = state_shardings.params
-  partitioning.check_grad_reduce(grad_reduce, mesh, rules, param_shardings)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
   keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")

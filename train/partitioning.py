@@ -30,6 +30,12 @@ class Layout:
   rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
+def split_mesh_config(mesh_cfg: Mapping) -> tuple[str, dict, str]:
+  """config.mesh -> (layout name, axis size overrides, grad_reduce)."""
+  sizes = dict(mesh_cfg)
+  return sizes.pop("layout"), sizes, sizes.pop("grad_reduce", "xla")
+
+
 def load_layout(name: str, overrides: Mapping[str, int] | None = None) -> Layout:
   """Loads configs/sharding/<name>.py; `overrides` replaces axis sizes (0 keeps the file's)."""
   try:
@@ -240,14 +246,17 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules, grad_accum: int = 1) ->
                          f"must be a multiple of {split * grad_accum}")
 
 
-def sharded_init(make_model: Callable[[], nnx.Module], mesh: Mesh, rules):
+def sharded_init(make_model: Callable[[], nnx.Module], mesh: Mesh, rules,
+                 grad_reduce: str = "xla"):
   """Builds a model directly into its shardings: eval_shape, then a jit whose out_shardings
   place every parameter, so a model larger than one device is never built on one device.
+  The layout, and `grad_reduce` with it, is checked before anything compiles.
 
   Returns (graphdef, params state, params shardings)."""
   abstract = nnx.eval_shape(make_model)
   graphdef, abstract_state = nnx.split(abstract)
   shardings = to_shardings(param_specs(abstract_state, mesh, rules), mesh)
+  check_grad_reduce(grad_reduce, mesh, rules, shardings)
 
   init = jax.jit(lambda: nnx.split(make_model())[1], out_shardings=shardings)
   with axes.axis_rules(mesh, rules):

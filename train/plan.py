@@ -211,10 +211,9 @@ def _main(argv):
   opt_fields = {k: v for k, v in config.opt.items() if k in known}
   opt_fields["total_steps"] = opt_fields.get("total_steps") or 1
   opt_cfg = optim.OptimConfig(**opt_fields)
-  mesh_cfg = dict(config.mesh)
-  chosen = mesh_cfg.pop("layout")
+  chosen, sizes, _ = partitioning.split_mesh_config(config.mesh)
   # --config.mesh.* sizes belong to --config.mesh.layout, as in training; others use their file's.
-  layouts = [partitioning.load_layout(name, mesh_cfg if name == chosen else None)
+  layouts = [partitioning.load_layout(name, sizes if name == chosen else None)
              for name in flags.FLAGS.layouts]
   print(report(cfg, layouts, [int(n) for n in flags.FLAGS.devices], config.data.batch_size,
                config.data.seq_len, opt_cfg.grad_accum, opt_cfg))

@@ -36,11 +36,13 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
 
 
 def init_sharded(make_model: Callable[[], nnx.Module], opt_cfg: optim.OptimConfig, mesh, rules,
-                 seed: int):
-  """A TrainState built directly into its shardings on `mesh`.
+                 seed: int, grad_reduce: str = "xla"):
+  """A TrainState built directly into its shardings on `mesh` (which `grad_reduce`, the
+  train step's, must suit).
 
   Returns (graphdef, state, state shardings, optimizer); params are a pure dict."""
-  graphdef, params_state, param_shardings = partitioning.sharded_init(make_model, mesh, rules)
+  graphdef, params_state, param_shardings = partitioning.sharded_init(make_model, mesh, rules,
+                                                                      grad_reduce)
   params = nnx.to_pure_dict(params_state)
   param_shardings = nnx.to_pure_dict(param_shardings)
   optimizer = optim.make_optimizer(opt_cfg, params)

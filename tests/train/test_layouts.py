@@ -48,8 +48,8 @@ def build(layout, devices, grad_accum=1, cfg=CFG, grad_reduce="xla"):
   opt_cfg = optim.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=100, schedule="constant",
                               eps=EPS, clip_norm=CLIP, grad_accum=grad_accum)
   graphdef, state, state_shardings, optimizer = steplib.init_sharded(
-      lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, rules, seed=0)
-  partitioning.check_grad_reduce(grad_reduce, mesh, rules, state_shardings.params)
+      lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, rules, seed=0,
+      grad_reduce=grad_reduce)
   batch_shardings = {k: partitioning.batch_sharding(mesh, rules) for k in batches()[0]}
   step = steplib.jit_train_step(
       state_shardings, batch_shardings, graphdef=graphdef, loss_fn=losses.lm_loss,

@@ -30,7 +30,7 @@ def test_llama_1b_fsdp8_holds_an_eighth_of_everything():
 
 def test_plan_matches_the_shards_of_a_built_state():
   """Same layout, same model, 8 CPU devices: planned bytes are the bytes actually placed."""
-  layout, mesh, state, _ = test_layouts.trained("fsdp8")
+  layout, mesh, state, _, _ = test_layouts.trained("fsdp8")
   p = planlib.plan(test_layouts.CFG, layout, 8, batch=test_layouts.BATCH,
                    seq_len=test_layouts.SEQ)
   for device in range(8):

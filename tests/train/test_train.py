@@ -203,3 +203,21 @@ def test_query_blocks_must_divide_the_training_length(tmp_path):
                                        r"data.seq_len=32"):
     loop.build(config, str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+def test_flat_grad_reduce_on_a_sharded_layout_fails_before_compiling(tmp_path, monkeypatch):
+  """`--config.mesh.grad_reduce=flat` with the fsdp layout: refused by `loop.build` when the
+  shardings are known, before the init or the step is jitted."""
+  from configs.experiments import tiny_test
+  from train import loop
+
+  config = tiny_test.get_config()
+  config.mesh.layout = "fsdp"
+  config.mesh.grad_reduce = "flat"
+  jitted = []
+  real_jit = jax.jit
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: jitted.append(a) or real_jit(*a, **k))
+  with pytest.raises(partitioning.PartitionError, match=r"mesh.grad_reduce='flat' needs "
+                                                         r"replicated parameters"):
+    loop.build(config, str(tmp_path))
+  assert not jitted
