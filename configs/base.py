@@ -47,7 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Gradient reduction across devices. xla: jit's partitioner reduces each parameter's gradient
   # after its matmul. flat: pure data parallelism only (replicated parameters); each device
   # computes its shard's gradients and one all-reduce sums them all as one flat vector, which
-  # XLA:CPU runs faster than its per-parameter all-reduce (docs/benchmarks.md).
+  # XLA:CPU runs faster than its per-parameter all-reduce (docs/benchmarks.md). It costs one
+  # more gradient-sized float32 buffer (not in train.plan); with threefry or rbg dropout masks
+  # each device draws the whole batch's masks (hash masks: only its rows).
   c.mesh.grad_reduce = "xla"
 
   c.train = ml_collections.ConfigDict()

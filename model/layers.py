@@ -85,7 +85,8 @@ def batch_shard(index, count: int):
   """Within this context every array's leading axis holds shard `index` (may be traced, e.g.
   `jax.lax.axis_index`) of `count` equal, contiguous shards of the batch. `dropout` then
   applies that shard's rows of the whole batch's mask, so per-device code inside shard_map
-  drops exactly what the same step on one device would."""
+  drops exactly what the same step on one device would. Hash masks compute only those rows;
+  jax.random masks (threefry, rbg) are drawn whole on every device and sliced."""
   token = _BATCH_SHARD.set((index, int(count)))
   try:
     yield
@@ -126,7 +127,7 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None, prng: str = "three
     index, count = shard
     offset = (0,) * x.ndim if offset is None else tuple(offset)
     full_shape = x.shape if full_shape is None else tuple(full_shape)
-    offset = (index * x.shape[0] + offset[0],) + offset[1:]
+    offset = (index * full_shape[0] + offset[0],) + offset[1:]  # this shard's first row
     full_shape = (count * full_shape[0],) + full_shape[1:]
   keep = keep_mask(rng, rate, x.shape, prng, offset, full_shape)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))

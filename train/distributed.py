@@ -50,13 +50,15 @@ def initialize(cfg: Mapping[str, Any] | None) -> str:
   process_id = int(cfg.get("process_id", -1))
   flags = cfg.get("xla_flags", "").split()
   current = os.environ.get("XLA_FLAGS", "").split()
-  if flags and not set(flags) <= set(current):  # flags already in XLA_FLAGS are in force
+  in_force = dict(f.partition("=")[::2] for f in current)  # the last of a repeated flag wins
+  missing = [f for f in flags if in_force.get(f.partition("=")[0]) != f.partition("=")[2]]
+  if missing:
     # XLA reads XLA_FLAGS once, when JAX starts its first backend: this must run before that.
     from jax._src import xla_bridge
     if xla_bridge.backends_are_initialized():
       raise ValueError(f"distributed.xla_flags={cfg['xla_flags']!r} came after JAX started "
                        "its backend, so XLA would ignore it: set it before any JAX computation")
-    os.environ["XLA_FLAGS"] = " ".join(current + [f for f in flags if f not in current])
+    os.environ["XLA_FLAGS"] = " ".join(current + missing)
   if cfg.get("local_device_count", 0):
     # Simulated host devices (CPU only); wins over XLA_FLAGS --xla_force_host_platform_device_count.
     jax.config.update("jax_num_cpu_devices", int(cfg["local_device_count"]))

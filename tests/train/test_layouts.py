@@ -89,9 +89,9 @@ def one_device(model_items=(), grad_accum=1):
   return jax.device_get(state.params), loss_history
 
 
-def logical_axes_by_path():
+def logical_axes_by_path(cfg=CFG):
   """Each parameter's logical axis names, keyed like the pure params dict."""
-  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0))))
+  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   names = jax.tree.map(lambda v: tuple(v.get_metadata()["out_sharding"]), abstract,
                        is_leaf=lambda x: isinstance(x, nnx.Variable))
   return {jax.tree_util.keystr(p): n for p, n in
@@ -128,6 +128,11 @@ CASES = {
         layout="dp", sizes={"data": 2}, devices=2, grad_accum=2, ref_accum=2,
         model=dict(DROPOUT, dropout_prng="threefry"), grad_reduce="flat",
         mesh={"data": 2, "fsdp": 1, "tensor": 1}),
+    # ... and of hash masks through scanned, rematerialized layers with query blocks.
+    "dp2_flat_accum2_scan_blocks_hash_dropout": dict(
+        layout="dp", sizes={"data": 2}, devices=2, grad_accum=2, ref_accum=2,
+        model=dict(DROPOUT, scan_layers=True, remat="full", attention_query_blocks=2),
+        grad_reduce="flat", mesh={"data": 2, "fsdp": 1, "tensor": 1}),
 }
 
 
@@ -152,7 +157,7 @@ def test_layout_trains_like_one_device(case):
 
   # Every parameter's shards are what the layout's rules say, shard by shard.
   rules = dict(layout.rules)
-  logical = logical_axes_by_path()
+  logical = logical_axes_by_path(CFG.replace(**c.get("model", {})))
   for path, arr in jax.tree_util.tree_leaves_with_path(state.params):
     key = jax.tree_util.keystr(path)
     spec = axes.logical_to_spec(logical[key], rules)
@@ -162,7 +167,9 @@ def test_layout_trains_like_one_device(case):
         for n, entry in zip(arr.shape, tuple(spec) + (None,) * (arr.ndim - len(spec))))
     for shard in arr.addressable_shards:
       assert shard.data.shape == want_shape, (case, key, shard.data.shape, want_shape)
-  assert len(state.params["blocks"][0]["attn"]["q"]["kernel"].addressable_shards) == c["devices"]
+  blocks = state.params["blocks"]
+  q_kernel = (blocks[0] if 0 in blocks else blocks)["attn"]["q"]["kernel"]  # unscanned: by layer
+  assert len(q_kernel.addressable_shards) == c["devices"]
 
 
 def test_layouts_split_what_their_names_say():

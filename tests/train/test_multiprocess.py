@@ -85,10 +85,15 @@ def test_xla_flags_reach_xla_before_jax_starts():
                        cwd=REPO)
   assert out.returncode != 0 and "distributed.xla_flags" in out.stderr
   # ... unless XLA_FLAGS already held them when JAX started (e.g. a profiler script set them).
-  code = code.replace("--xla_foo", "--xla_cpu_enable_fast_math=false") + "; print('ok')"
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       cwd=REPO, check=True)
+  flag_code = code.replace("--xla_foo", "--xla_cpu_enable_fast_math=false") + "; print('ok')"
+  out = subprocess.run([sys.executable, "-c", flag_code], env=env, capture_output=True,
+                       text=True, cwd=REPO, check=True)
   assert out.stdout.split() == ["ok"]
+  # A flag that XLA_FLAGS sets and then overrides is not in force: still an error.
+  env2 = dict(env, XLA_FLAGS="--xla_cpu_enable_fast_math=false --xla_cpu_enable_fast_math=true")
+  out = subprocess.run([sys.executable, "-c", flag_code], env=env2, capture_output=True,
+                       text=True, cwd=REPO)
+  assert out.returncode != 0 and "distributed.xla_flags" in out.stderr
 
 
 def _env():
