@@ -66,8 +66,9 @@ def compile_timed(jitted, *args, **kwargs):
   return compiled, time.perf_counter() - t0
 
 
-def bench_batch(graphdef, state, vocab, batch, prompt_len, n, runs, rng):
-  """Compiles and times both paths at one batch size; asserts they pick the same tokens."""
+def bench_batch(graphdef, state, vocab, batch, prompt_len, n, runs, rng, nocache=True):
+  """Compiles and times both paths at one batch size; asserts they pick the same tokens.
+  nocache=False times the cached path alone (no comparison)."""
   prompt_BxP = jax.random.randint(jax.random.fold_in(rng, batch), (batch, prompt_len), 0, vocab,
                                   jnp.int32)
   mask_BxP = jnp.ones_like(prompt_BxP)  # equal-length prompts: no left padding needed
@@ -75,10 +76,11 @@ def bench_batch(graphdef, state, vocab, batch, prompt_len, n, runs, rng):
   cfg = SamplingConfig(max_new_tokens=n, temperature=0.0)
   sampler = Sampler(graphdef)
   cached, cached_compile = compile_timed(sampler, state, prompt_BxP, mask_BxP, rng, cfg)
+  cached_s, cached_all, out = timed(lambda: cached(state, prompt_BxP, mask_BxP, rng), runs)
+  if not nocache:
+    return [("cached", batch, cached_compile, cached_s, cached_all)]
   nocache_jit = jax.jit(functools.partial(nocache_generate, graphdef), static_argnums=(2,))
   nocache, nocache_compile = compile_timed(nocache_jit, state, prompt_BxP, n)
-
-  cached_s, cached_all, out = timed(lambda: cached(state, prompt_BxP, mask_BxP, rng), runs)
   nocache_s, nocache_all, ref_BxN = timed(lambda: nocache(state, prompt_BxP), runs)
   cached_BxN = np.asarray(out.tokens_BxN)
   ref_BxN = np.asarray(ref_BxN)
@@ -99,16 +101,22 @@ def main():
   p.add_argument("--new_tokens", type=int, default=500)
   p.add_argument("--prompt_len", type=int, default=4)
   p.add_argument("--runs", type=int, default=3, help="timed calls per path; median reported")
+  p.add_argument("--kv_bucket", type=int, default=None, help="ModelConfig.kv_bucket for the "
+                 "cached path (0 reads every cache slot); default: the model's")
+  p.add_argument("--cached_only", action="store_true", help="time the cached path alone")
   args = p.parse_args()
 
   cfg = preset(args.preset) if args.preset else BABY
+  if args.kv_bucket is not None:
+    cfg = cfg.replace(kv_bucket=args.kv_bucket)
   if args.prompt_len + args.new_tokens > cfg.max_seq_len:
     raise SystemExit(f"prompt_len {args.prompt_len} + new_tokens {args.new_tokens} exceeds "
                      f"max_seq_len {cfg.max_seq_len}")
   graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
   n_params = sum(x.size for x in jax.tree.leaves(state))
   print(f"model: {args.preset or 'baby (nanoGPT shakespeare_char shape)'}, "
-        f"{n_params / 1e6:.2f}M params, max_seq_len {cfg.max_seq_len}; prompt "
+        f"{n_params / 1e6:.2f}M params, max_seq_len {cfg.max_seq_len}, kv_bucket "
+        f"{cfg.kv_bucket}; prompt "
         f"{args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; "
         f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} cpus")
   rng = jax.random.key(0)
@@ -118,10 +126,13 @@ def main():
   for batch in (int(b) for b in args.batches.split(",")):
     rate = {}
     for path, _, compile_s, median_s, all_s in bench_batch(
-        graphdef, state, cfg.vocab_size, batch, args.prompt_len, args.new_tokens, args.runs, rng):
+        graphdef, state, cfg.vocab_size, batch, args.prompt_len, args.new_tokens, args.runs, rng,
+        nocache=not args.cached_only):
       rate[path] = batch * args.new_tokens / median_s
       print(f"{path:<9} {batch:>5} {compile_s:>9.2f} {median_s:>9.3f} {rate[path]:>10,.0f}  "
             + " ".join(f"{s:.3f}" for s in all_s))
+    if args.cached_only:
+      continue
     print(f"batch {batch}: cached / no-cache = {rate['cached'] / rate['no-cache']:.1f}x "
           "(greedy tokens identical)", flush=True)
 

@@ -117,6 +117,20 @@ def attend(q_BxLxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
   return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)
 
 
+def cache_prefixes(t: int, l: int, bucket: int) -> list[int]:
+  """Static prefix lengths of a t-slot cache that a query block of length l may read: bucket
+  times 1, 1.5, 2, 3, 4, 6, 8, ... (each at most 1.5x the last), those >= l and < t, then t.
+  bucket 0 gives [t]."""
+  if bucket <= 0:
+    return [t]
+  lengths, power = set(), bucket
+  while power < t:  # bucket * 2^i and bucket * 3 * 2^(i-1)
+    lengths.update(n for n in (power, power * 3 // 2) if l <= n < t)
+    power *= 2
+  lengths = sorted(lengths)
+  return lengths + [t]
+
+
 class Attention(nnx.Module):
   """Causal self-attention with grouped key/value heads."""
 
@@ -124,7 +138,7 @@ class Attention(nnx.Module):
     d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     self.impl, self.position, self.rope_theta = cfg.attention_impl, cfg.position, cfg.rope_theta
     self.dropout_rate, self.dropout_prng = cfg.attention_dropout, cfg.dropout_prng
-    self.query_blocks = cfg.attention_query_blocks
+    self.query_blocks, self.kv_bucket = cfg.attention_query_blocks, cfg.kv_bucket
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     self.q = Dense((d,), (h, k), (axes.EMBED,), (axes.HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
     self.k = Dense((d,), (g, k), (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
@@ -144,24 +158,45 @@ class Attention(nnx.Module):
       k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
     q_BxLxHxK = axes.constrain(q_BxLxHxK, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS,
                                            None))
-    new_kv = None
-    if kv is not None:
-      # One in-place write into the stacked cache of all layers, at (layer, slot `index`);
-      # slicing a layer out and stacking it back would copy the whole cache every step.
-      k_NxBxTxGxK, v_NxBxTxGxK, layer = kv
-      start = (layer, 0, index, 0, 0)
-      k_NxBxTxGxK = jax.lax.dynamic_update_slice(
-          k_NxBxTxGxK, k_BxLxGxK[None].astype(k_NxBxTxGxK.dtype), start)
-      v_NxBxTxGxK = jax.lax.dynamic_update_slice(
-          v_NxBxTxGxK, v_BxLxGxK[None].astype(v_NxBxTxGxK.dtype), start)
-      new_kv = (k_NxBxTxGxK, v_NxBxTxGxK)
-      k_BxLxGxK, v_BxLxGxK = k_NxBxTxGxK[layer], v_NxBxTxGxK[layer]
     kv_names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None)
-    k_BxTxGxK = axes.constrain(k_BxLxGxK, kv_names)
-    v_BxTxGxK = axes.constrain(v_BxLxGxK, kv_names)
-    out_BxLxHxK = attend(q_BxLxHxK, k_BxTxGxK.astype(q_BxLxHxK.dtype),
-                         v_BxTxGxK.astype(q_BxLxHxK.dtype), mask_BxLxT, self.impl,
-                         self.dropout_rate, dropout_rng, self.dropout_prng,
-                         # with a cache, queries are not the first slots of the keys
-                         self.query_blocks if kv is None else 1)
-    return self.o(out_BxLxHxK), new_kv
+
+    def attend_keys(k_BxTxGxK, v_BxTxGxK, mask_BxLxT, query_blocks):
+      k_BxTxGxK = axes.constrain(k_BxTxGxK, kv_names)
+      v_BxTxGxK = axes.constrain(v_BxTxGxK, kv_names)
+      return attend(q_BxLxHxK, k_BxTxGxK.astype(q_BxLxHxK.dtype),
+                    v_BxTxGxK.astype(q_BxLxHxK.dtype), mask_BxLxT, self.impl,
+                    self.dropout_rate, dropout_rng, self.dropout_prng, query_blocks)
+
+    if kv is None:
+      return self.o(attend_keys(k_BxLxGxK, v_BxLxGxK, mask_BxLxT, self.query_blocks)), None
+    # One in-place write into the stacked cache of all layers, at (layer, slot `index`);
+    # slicing a layer out and stacking it back would copy the whole cache every step.
+    k_NxBxTxGxK, v_NxBxTxGxK, layer = kv
+    start = (layer, 0, index, 0, 0)
+    k_NxBxTxGxK = jax.lax.dynamic_update_slice(
+        k_NxBxTxGxK, k_BxLxGxK[None].astype(k_NxBxTxGxK.dtype), start)
+    v_NxBxTxGxK = jax.lax.dynamic_update_slice(
+        v_NxBxTxGxK, v_BxLxGxK[None].astype(v_NxBxTxGxK.dtype), start)
+    b, l = q_BxLxHxK.shape[:2]
+    _, _, t, g, k = k_NxBxTxGxK.shape
+
+    def prefix(length):  # attention over the first `length` slots of this layer's cache
+      def run(k_NxBxTxGxK, v_NxBxTxGxK, mask_BxLxT):
+        size = (1, b, length, g, k)
+        return attend_keys(jax.lax.dynamic_slice(k_NxBxTxGxK, start[:2] + (0, 0, 0), size)[0],
+                           jax.lax.dynamic_slice(v_NxBxTxGxK, start[:2] + (0, 0, 0), size)[0],
+                           mask_BxLxT[:, :, :length],
+                           1)  # queries are not the first slots of the keys
+      return run
+
+    # Keys after slot index + l - 1 are never visible, so only the shortest listed prefix
+    # that holds them is read: decode time then grows with the filled slots, not the cache.
+    lengths = cache_prefixes(t, l, self.kv_bucket)
+    operands = (k_NxBxTxGxK, v_NxBxTxGxK, mask_BxLxT)
+    if len(lengths) == 1:
+      out_BxLxHxK = prefix(t)(*operands)
+    else:
+      which = jnp.searchsorted(jnp.asarray(lengths, jnp.int32), index + l)
+      out_BxLxHxK = jax.lax.switch(jnp.minimum(which, len(lengths) - 1),
+                                   [prefix(n) for n in lengths], *operands)
+    return self.o(out_BxLxHxK), (k_NxBxTxGxK, v_NxBxTxGxK)

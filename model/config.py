@@ -49,6 +49,9 @@ class ModelConfig:
   attention_query_blocks: int = 1  # einsum path without a KV cache: split queries into this
   # many blocks that skip the keys after them (the causal mask's zeros); 4 saves ~3/8 of the
   # work. Lengths it does not divide run unblocked (the trainer requires it to divide seq_len)
+  kv_bucket: int = 64  # with a KV cache, attend over the shortest prefix of the cache that
+  # holds every visible key, rounded up to kv_bucket x 1, 1.5, 2, 3, 4, 6, ... slots (one
+  # compiled branch per length); 0 attends over every slot
 
   def __post_init__(self):
     positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -87,6 +90,9 @@ class ModelConfig:
     if not isinstance(self.attention_query_blocks, int) or self.attention_query_blocks < 1:
       raise ValueError(f"ModelConfig.attention_query_blocks must be an int >= 1, got "
                        f"{self.attention_query_blocks!r}")
+    if not isinstance(self.kv_bucket, int) or isinstance(self.kv_bucket, bool) or \
+        self.kv_bucket < 0:
+      raise ValueError(f"ModelConfig.kv_bucket must be an int >= 0, got {self.kv_bucket!r}")
     if self.init_std <= 0:
       raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std}")
 

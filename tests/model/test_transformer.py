@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.attention import KVCache
+from model.attention import KVCache, cache_prefixes
 from model.transformer import ScalarModel, Transformer, last_token_values
 from model.config import preset
 from tests.model.conftest import build, tokens
@@ -61,12 +61,13 @@ def test_left_padding_does_not_change_real_logits(name):
   np.testing.assert_allclose(model(padded, pos, mask)[:, 4:], model(real), atol=1e-5)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan,bucket", [(False, 64), (True, 2), (False, 0)])
 @pytest.mark.parametrize("name", PRESETS)
-def test_kv_cache_decode_matches_full_forward(name, scan):
+def test_kv_cache_decode_matches_full_forward(name, scan, bucket):
   """Prefill a left-padded prompt, then decode token by token: every step's logits equal the
-  full forward pass's at that position."""
-  model = build(name, scan_layers=scan)
+  full forward pass's at that position. bucket 2 reads prefixes 6, 8 and 12 of the 12-slot
+  cache (a switch between them); 64 and 0 read all 12."""
+  model = build(name, scan_layers=scan, kv_bucket=bucket)
   b, p, n = 2, 5, 7
   seq = tokens(b, p + n, seed=4)
   mask = jnp.ones((b, p + n), jnp.int32).at[0, :2].set(0)  # row 0 starts with 2 pad slots
@@ -80,6 +81,44 @@ def test_kv_cache_decode_matches_full_forward(name, scan):
     step, cache = model.decode(seq[:, i:i + 1], pos[:, i:i + 1], mask[:, i:i + 1], cache)
     np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-4, err_msg=f"step {i}")
   assert int(cache.index) == p + n
+
+
+@pytest.mark.parametrize("t,l,bucket", [(504, 1, 64), (504, 100, 64), (2048, 1, 64),
+                                         (12, 5, 2), (10, 3, 1), (64, 1, 64), (7, 7, 2)])
+def test_cache_prefixes_cover_every_length_within_1_5x(t, l, bucket):
+  """Every count of slots a query block can need (l .. t) has a listed prefix that holds it,
+  at most 1.5x longer (or the bucket itself), and t is always last."""
+  lengths = cache_prefixes(t, l, bucket)
+  assert lengths[-1] == t and lengths == sorted(set(lengths)) and min(lengths) >= l
+  for need in range(l, t + 1):
+    chosen = min(n for n in lengths if n >= need)  # what jnp.searchsorted picks
+    assert chosen <= max(1.5 * need, bucket) or chosen == t, (need, chosen)
+  assert cache_prefixes(t, l, 0) == [t]
+
+
+@pytest.mark.parametrize("bucket,finite", [(2, True), (0, False)])
+def test_decode_reads_only_the_prefix_it_needs(bucket, finite):
+  """NaN values in cache slots 8 and later: with bucket 2, decoding up to slot 5 reads prefixes
+  of at most 6 slots and matches the full forward pass; reading every slot (bucket 0) lets the
+  NaNs through (0 x NaN), so the first case would fail if the prefix were not honoured."""
+  model = build("tiny", kv_bucket=bucket)
+  b, p, n = 2, 4, 2
+  seq = tokens(b, p + n, seed=7)
+  full = model(seq)
+  cache = model.init_cache(b, 16)
+  cache = cache._replace(v_NxBxTxGxK=cache.v_NxBxTxGxK.at[:, :, 8:].set(jnp.nan))
+  pos = jnp.broadcast_to(jnp.arange(p + n), (b, p + n))
+  ones = jnp.ones((b, p + n), jnp.int32)
+  logits, cache = model.decode(seq[:, :p], pos[:, :p], ones[:, :p], cache)
+  steps = [logits]
+  for i in range(p, p + n):
+    step, cache = model.decode(seq[:, i:i + 1], pos[:, i:i + 1], ones[:, i:i + 1], cache)
+    steps.append(step)
+  got = jnp.concatenate(steps, axis=1)
+  if finite:
+    np.testing.assert_allclose(got, full, atol=1e-4)
+  else:
+    assert np.isnan(np.asarray(got)).all()
 
 
 def _stack_unrolled(params_unrolled):

@@ -201,3 +201,27 @@ def test_flat_grad_reduce_is_one_all_reduce_of_one_vector():
   per_param = all_reduces(trained("dp8")[4])
   assert per_param and f"f32[{n}]{{0}}" not in per_param
   assert sum(r.count("f32[") for r in per_param) >= len(params)
+
+
+@pytest.mark.parametrize("name,sizes,devices", [("tp", {"tensor": 4}, 4),
+                                                ("dp_fsdp_tp", {}, 8)])
+def test_sampling_on_a_layout_matches_one_device(name, sizes, devices):
+  """Prefill and bucketed KV-cache decode (kv_bucket 2: a switch between cache prefixes) on
+  sharded parameters, inside the layout's axis rules, pick one device's greedy tokens."""
+  from model.sampling import Sampler, SamplingConfig
+  cfg = CFG.replace(kv_bucket=2)
+  prompts = np.random.default_rng(3).integers(1, cfg.vocab_size, size=(4, 3)).astype(np.int32)
+  mask = np.ones_like(prompts)
+  scfg = SamplingConfig(max_new_tokens=9, temperature=0.0)
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  want = Sampler(graphdef)(params, prompts, mask, jax.random.key(0), scfg)
+
+  layout = partitioning.load_layout(name, sizes)
+  mesh = partitioning.make_mesh(layout, jax.devices()[:devices])
+  graphdef, sharded, _ = partitioning.sharded_init(
+      lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh, layout.rules)
+  with axes.axis_rules(mesh, layout.rules):
+    got = Sampler(graphdef)(sharded, prompts, mask, jax.random.key(0), scfg)
+  np.testing.assert_array_equal(np.asarray(got.tokens_BxN), np.asarray(want.tokens_BxN))
+  np.testing.assert_allclose(np.asarray(got.logprobs_BxN), np.asarray(want.logprobs_BxN),
+                             atol=1e-4)
