@@ -20,15 +20,15 @@ class KVCache(NamedTuple):
   All rows write the same slot at each step (prompts are left-padded to a common length).
   """
 
-  k_NxBxTxGxK: jax.Array
-  v_NxBxTxGxK: jax.Array
+  k_NxBxGxTxK: jax.Array
+  v_NxBxGxTxK: jax.Array
   segment_ids_BxT: jax.Array
   index: jax.Array
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
     dtype = cfg.compute_dtype if dtype is None else dtype
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -171,32 +171,35 @@ class Attention(nnx.Module):
       return self.o(attend_keys(k_BxLxGxK, v_BxLxGxK, mask_BxLxT, self.query_blocks)), None
     # One in-place write into the stacked cache of all layers, at (layer, slot `index`);
     # slicing a layer out and stacking it back would copy the whole cache every step.
-    k_NxBxTxGxK, v_NxBxTxGxK, layer = kv
-    start = (layer, 0, index, 0, 0)
-    k_NxBxTxGxK = jax.lax.dynamic_update_slice(
-        k_NxBxTxGxK, k_BxLxGxK[None].astype(k_NxBxTxGxK.dtype), start)
-    v_NxBxTxGxK = jax.lax.dynamic_update_slice(
-        v_NxBxTxGxK, v_BxLxGxK[None].astype(v_NxBxTxGxK.dtype), start)
+    k_NxBxGxTxK, v_NxBxGxTxK, layer = kv
+    start = (layer, 0, 0, index, 0)
+    k_NxBxGxTxK = jax.lax.dynamic_update_slice(
+        k_NxBxGxTxK, k_BxLxGxK.transpose(0, 2, 1, 3)[None].astype(k_NxBxGxTxK.dtype), start)
+    v_NxBxGxTxK = jax.lax.dynamic_update_slice(
+        v_NxBxGxTxK, v_BxLxGxK.transpose(0, 2, 1, 3)[None].astype(v_NxBxGxTxK.dtype), start)
     b, l = q_BxLxHxK.shape[:2]
-    _, _, t, g, k = k_NxBxTxGxK.shape
+    _, _, g, t, k = k_NxBxGxTxK.shape
 
     def prefix(length):  # attention over the first `length` slots of this layer's cache
-      def run(k_NxBxTxGxK, v_NxBxTxGxK, mask_BxLxT):
-        size = (1, b, length, g, k)
-        return attend_keys(jax.lax.dynamic_slice(k_NxBxTxGxK, start[:2] + (0, 0, 0), size)[0],
-                           jax.lax.dynamic_slice(v_NxBxTxGxK, start[:2] + (0, 0, 0), size)[0],
-                           mask_BxLxT[:, :, :length],
-                           1)  # queries are not the first slots of the keys
+      def run(k_NxBxGxTxK, v_NxBxGxTxK, mask_BxLxT):
+        size, at = (1, b, g, length, k), (layer, 0, 0, 0, 0)
+        # Back to (batch, slot, head) for attend, which transposes to heads-major again: the
+        # two transposes cancel, and the einsums read the cache's own layout.
+        return attend_keys(
+            jax.lax.dynamic_slice(k_NxBxGxTxK, at, size)[0].transpose(0, 2, 1, 3),
+            jax.lax.dynamic_slice(v_NxBxGxTxK, at, size)[0].transpose(0, 2, 1, 3),
+            mask_BxLxT[:, :, :length],
+            1)  # queries are not the first slots of the keys
       return run
 
     # Keys after slot index + l - 1 are never visible, so only the shortest listed prefix
     # that holds them is read: decode time then grows with the filled slots, not the cache.
     lengths = cache_prefixes(t, l, self.kv_bucket)
-    operands = (k_NxBxTxGxK, v_NxBxTxGxK, mask_BxLxT)
+    operands = (k_NxBxGxTxK, v_NxBxGxTxK, mask_BxLxT)
     if len(lengths) == 1:
       out_BxLxHxK = prefix(t)(*operands)
     else:
       which = jnp.searchsorted(jnp.asarray(lengths, jnp.int32), index + l)
       out_BxLxHxK = jax.lax.switch(jnp.minimum(which, len(lengths) - 1),
                                    [prefix(n) for n in lengths], *operands)
-    return self.o(out_BxLxHxK), (k_NxBxTxGxK, v_NxBxTxGxK)
+    return self.o(out_BxLxHxK), (k_NxBxGxTxK, v_NxBxGxTxK)

@@ -110,7 +110,7 @@ class Transformer(nnx.Module):
     x_BxLxD = dropout(x_BxLxD, cfg.dropout, rng_embed, cfg.dropout_prng)
     x_BxLxD = axes.constrain(x_BxLxD, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     layer_rngs = None if rng_layers is None else jax.random.split(rng_layers, cfg.n_layers)
-    kv = None if cache is None else (cache.k_NxBxTxGxK, cache.v_NxBxTxGxK)
+    kv = None if cache is None else (cache.k_NxBxGxTxK, cache.v_NxBxGxTxK)
 
     if cfg.scan_layers:
       graphdef, state = nnx.split(self.blocks)

@@ -106,7 +106,7 @@ def test_decode_reads_only_the_prefix_it_needs(bucket, finite):
   seq = tokens(b, p + n, seed=7)
   full = model(seq)
   cache = model.init_cache(b, 16)
-  cache = cache._replace(v_NxBxTxGxK=cache.v_NxBxTxGxK.at[:, :, 8:].set(jnp.nan))
+  cache = cache._replace(v_NxBxGxTxK=cache.v_NxBxGxTxK.at[:, :, :, 8:].set(jnp.nan))
   pos = jnp.broadcast_to(jnp.arange(p + n), (b, p + n))
   ones = jnp.ones((b, p + n), jnp.int32)
   logits, cache = model.decode(seq[:, :p], pos[:, :p], ones[:, :p], cache)
