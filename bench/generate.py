@@ -66,9 +66,9 @@ def compile_timed(jitted, *args, **kwargs):
   return compiled, time.perf_counter() - t0
 
 
-def bench_batch(graphdef, state, vocab, batch, prompt_len, n, runs, rng, nocache=True):
+def bench_batch(graphdef, state, vocab, batch, prompt_len, n, runs, rng, compare=True):
   """Compiles and times both paths at one batch size; asserts they pick the same tokens.
-  nocache=False times the cached path alone (no comparison)."""
+  compare=False times the cached path alone."""
   prompt_BxP = jax.random.randint(jax.random.fold_in(rng, batch), (batch, prompt_len), 0, vocab,
                                   jnp.int32)
   mask_BxP = jnp.ones_like(prompt_BxP)  # equal-length prompts: no left padding needed
@@ -77,7 +77,7 @@ def bench_batch(graphdef, state, vocab, batch, prompt_len, n, runs, rng, nocache
   sampler = Sampler(graphdef)
   cached, cached_compile = compile_timed(sampler, state, prompt_BxP, mask_BxP, rng, cfg)
   cached_s, cached_all, out = timed(lambda: cached(state, prompt_BxP, mask_BxP, rng), runs)
-  if not nocache:
+  if not compare:
     return [("cached", batch, cached_compile, cached_s, cached_all)]
   nocache_jit = jax.jit(functools.partial(nocache_generate, graphdef), static_argnums=(2,))
   nocache, nocache_compile = compile_timed(nocache_jit, state, prompt_BxP, n)
@@ -127,7 +127,7 @@ def main():
     rate = {}
     for path, _, compile_s, median_s, all_s in bench_batch(
         graphdef, state, cfg.vocab_size, batch, args.prompt_len, args.new_tokens, args.runs, rng,
-        nocache=not args.cached_only):
+        compare=not args.cached_only):
       rate[path] = batch * args.new_tokens / median_s
       print(f"{path:<9} {batch:>5} {compile_s:>9.2f} {median_s:>9.3f} {rate[path]:>10,.0f}  "
             + " ".join(f"{s:.3f}" for s in all_s))
