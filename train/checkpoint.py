@@ -106,7 +106,8 @@ def load_for_inference(workdir: str, tokenizer, step: int | None = None):
   or export; the optimizer state is read but dropped."""
   from model.config import ModelConfig
 
-  directory = os.path.join(workdir, "checkpoints")
+  # Absolute: orbax's StandardCheckpointer reads no metadata from a relative path.
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   manager = Checkpointer(directory, async_save=False)
   step = manager.latest_step() if step is None else step
   if step is None:

@@ -174,8 +174,9 @@ def test_checkpoint_from_one_device_restores_onto_fsdp8(tmp_path):
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
 
 
-def test_inference_load_of_an_fsdp8_checkpoint_lands_on_one_device(tmp_path):
-  """model.sample reads checkpoints saved under any layout onto one device."""
+def test_inference_load_of_an_fsdp8_checkpoint_lands_on_one_device(tmp_path, monkeypatch):
+  """model.sample reads checkpoints saved under any layout onto one device, from a workdir
+  given relative to the current directory (as the demo prints it)."""
   import dataclasses
   import types
   state, step, put, _ = setup("fsdp")
@@ -183,7 +184,8 @@ def test_inference_load_of_an_fsdp8_checkpoint_lands_on_one_device(tmp_path):
   saver = ckpt.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
   saver.save(1, state, None, {"model": dataclasses.asdict(CFG), "data": {"add_bos": False}})
   saver.close()
-  cfg, data_cfg, params = ckpt.load_for_inference(str(tmp_path), types.SimpleNamespace(
+  monkeypatch.chdir(tmp_path.parent)
+  cfg, data_cfg, params = ckpt.load_for_inference(tmp_path.name, types.SimpleNamespace(
       vocab_size=CFG.vocab_size))
   assert cfg == CFG and data_cfg == {"add_bos": False}
   table = params["embed"]["table_VxD"]
