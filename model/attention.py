@@ -200,6 +200,6 @@ class Attention(nnx.Module):
       out_BxLxHxK = prefix(t)(*operands)
     else:
       which = jnp.searchsorted(jnp.asarray(lengths, jnp.int32), index + l)
-      out_BxLxHxK = jax.lax.switch(jnp.minimum(which, len(lengths) - 1),
-                                   [prefix(n) for n in lengths], *operands)
+      out_BxLxHxK = jax.lax.switch(which, [prefix(n) for n in lengths],  # clamps `which`
+                                   *operands)
     return self.o(out_BxLxHxK), (k_NxBxGxTxK, v_NxBxGxTxK)

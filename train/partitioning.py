@@ -203,7 +203,7 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh, rules) -> int:
   """How many ways the global batch is split across devices."""
-  return math.prod(mesh.shape[m] for m in _mesh_axes_of(dict(rules).get(BATCH_AXIS)))
+  return math.prod(mesh.shape[m] for m in batch_mesh_axes(rules))
 
 
 GRAD_REDUCES = ("xla", "flat")
