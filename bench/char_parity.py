@@ -44,12 +44,20 @@ def main():
                        "each) and one over 1000 batches, to show that estimate's spread")
   ap.add_argument("--batches", choices=("ours", "nanogpt"), default="ours",
                   help="our pipeline's shuffled windows, or nanoGPT's random offsets")
+  ap.add_argument("--vocab", choices=("tokenizer", "chars"), default="tokenizer",
+                  help="tokenizer: our char vocabulary, the text's characters plus 7 control ids "
+                       "it never uses; chars: nanoGPT's, the characters alone (the control rows "
+                       "are dropped after init, so every other initial weight is the same)")
   args = ap.parse_args()
   c = shakespeare_char.get_config()
   data_cfg = section(corpus.DataConfig, c.data, "data")
   tok, train_dir, val_dir = corpus.build(data_cfg, "/tmp/fromscratch_bench_shakespeare_char",
                                          progress=False)
   model = peer_model(c.model, vocab=tok.vocab_size, seed=args.seed)
+  if args.vocab == "chars":
+    rows = model.wte.weight.data[:len(tok.chars)].clone()
+    model.wte = torch.nn.Embedding(*rows.shape)
+    model.wte.weight.data.copy_(rows)
   decay = [p for p in model.parameters() if p.dim() >= 2]  # nanoGPT's two parameter groups
   no_decay = [p for p in model.parameters() if p.dim() < 2]
   opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.opt.weight_decay},
@@ -97,7 +105,7 @@ def main():
     print("nanoGPT estimate_loss (20 batches) x", args.estimates, ":",
           " ".join(f"{e:.4f}" for e in est), f"; over 1000 batches: {big:.4f}")
   data = f"data seed {args.data_seed}" if args.batches == "ours" else "nanoGPT's get_batch"
-  print(f"pytorch peer, seed {args.seed}, {data}: val loss {total / count:.4f} over the whole "
+  print(f"pytorch peer, seed {args.seed}, {data}, vocab {model.wte.weight.shape[0]}: val loss {total / count:.4f} over the whole "
         f"validation split at {args.steps} steps ({train_s:.0f} s training)")
 
 

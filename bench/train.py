@@ -143,7 +143,7 @@ def peer_model(model_cfg, vocab: int = 65, seed: int = 0):
       for blk in self.blocks:
         x = blk(x)
       logits = self.ln(x) @ self.wte.weight.T
-      nll = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), reduction="none")
+      nll = F.cross_entropy(logits.flatten(0, -2), targets.reshape(-1), reduction="none")
       if weights is None:
         return nll.mean()
       return (nll * weights.reshape(-1)).sum(), weights.sum()
