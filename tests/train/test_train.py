@@ -93,6 +93,8 @@ def test_accumulated_loss_weights_tokens_not_microbatches():
   _, m2 = step2(s2, put2(big))
   np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
   assert float(m1["tokens"]) == 8 * 16 - 4 * 8
+  # The gradients too: a mean per microbatch (32 and 64 tokens) would weight them unevenly.
+  np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
 
 
 def test_cross_entropy_matches_numpy():
