@@ -1,5 +1,5 @@
 """Exact resume: a run stopped by SIGTERM, or killed with -9 after a checkpoint, and resumed
-has bitwise the losses and final parameters of an uninterrupted run (CPU)."""
+has bitwise the losses and final parameters of an uninterrupted run (CPU), dropout included."""
 import os
 import signal
 import subprocess
@@ -30,7 +30,10 @@ def start(workdir, prepared):
   cmd = [sys.executable, "-m", "train.main", "--config=configs/experiments/tiny_test.py",
          f"--workdir={workdir}", "--config.data.corpus=shards", f"--config.data.path={prepared}",
          f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=10",
-         "--config.train.keep_checkpoints=2"]
+         "--config.train.keep_checkpoints=2",
+         # Dropout as shakespeare_char_10m trains: a resumed run must redraw the same masks.
+         "--config.model.dropout=0.1", "--config.model.attention_dropout=0.1",
+         "--config.model.dropout_prng=hash"]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 

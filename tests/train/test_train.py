@@ -225,3 +225,51 @@ def test_flat_grad_reduce_on_a_sharded_layout_fails_before_compiling(tmp_path, m
                                                          r"replicated parameters"):
     loop.build(config, str(tmp_path))
   assert not jitted
+
+
+def test_evaluate_matches_scoring_each_document_piece_alone(tmp_path):
+  """loop.evaluate over a split of several documents, its last batch padded: the loss it
+  reports is the mean next-token NLL (without the z-loss the step trains on), against a
+  float64 NumPy scoring of every row's document pieces, each run as its own sequence."""
+  from configs.experiments import tiny_test
+  from data.prepare import TokenShards, prepare
+  from data.tokenizer import CharTokenizer
+  from train import loop
+
+  docs = [f"{name}: " + "thou art more lovely and more temperate " * (k + 1)
+          for k, name in enumerate(["ROMEO", "JULIET", "NURSE", "MERCUTIO", "TYBALT"])] + ["PARIS: amen, amen"]
+  tok = CharTokenizer.from_text("".join(docs))
+  prepare(docs[:2], tok, tmp_path / "data" / "train", progress=False)
+  prepare(docs[2:], tok, tmp_path / "data" / "val", progress=False)
+  config = tiny_test.get_config()
+  config.data.corpus, config.data.path = "shards", str(tmp_path / "data")
+  config.train.z_loss = 1e-2
+  run = loop.build(config, str(tmp_path / "run"))
+  # Spread the logits (init std 0.02 leaves them near uniform) so argmax has no near ties.
+  params = jax.tree.map(lambda x: 4 * x, run.state.params)
+  got = loop.evaluate(run, params)
+
+  shards = TokenShards(run.val_dir)
+  stream, starts = shards.read(0, shards.num_tokens), set(shards.doc_starts.tolist())
+  row_len = run.data_cfg.seq_len + 1
+  n_rows = -(-len(stream) // row_len)
+  assert n_rows % run.data_cfg.eval_batch_size, "the last batch should be padded"
+  model = nnx.merge(run.graphdef, jax.device_get(params))
+  nll = correct = count = 0.0
+  for r in range(n_rows):
+    lo, hi = r * row_len, min((r + 1) * row_len, len(stream))
+    cuts = sorted({lo, hi} | {s for s in starts if lo < s < hi})
+    for a, b in zip(cuts, cuts[1:]):
+      piece = stream[a:b].astype(np.int32)
+      if len(piece) < 2:
+        continue
+      logits = np.asarray(model(jnp.asarray(piece[None, :-1])), np.float64)[0]
+      shifted = logits - logits.max(-1, keepdims=True)
+      logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+      nll -= logp[np.arange(len(piece) - 1), piece[1:]].sum()
+      correct += (logits.argmax(-1) == piece[1:]).sum()
+      count += len(piece) - 1
+  assert got["tokens"] == count
+  np.testing.assert_allclose(got["loss"], nll / count, rtol=1e-5)
+  np.testing.assert_allclose(got["perplexity"], np.exp(nll / count), rtol=1e-5)
+  np.testing.assert_allclose(got["accuracy"], correct / count, rtol=1e-6)
