@@ -33,10 +33,16 @@ def test_prepared_once_then_reused_and_stale_data_refused(tmp_path):
 def test_unfinished_preparation_is_redone(tmp_path):
   cfg = corpus.DataConfig(corpus="text", path=_text(tmp_path), tokenizer="char")
   work = str(tmp_path / "run")
-  corpus.build(cfg, work, progress=False)
+  _, train_dir, _ = corpus.build(cfg, work, progress=False)
   os.remove(os.path.join(work, "data", "data_config.json"))  # as if it died before the end
+  meta = os.path.join(train_dir, "meta.json")
+  os.utime(meta, (0, 0))
+  stale = os.path.join(train_dir, "tokens-99999.bin")  # a shard the dead run left behind
+  open(stale, "wb").write(b"\0" * 64)
   corpus.build(cfg, work, progress=False)
   assert os.path.exists(os.path.join(work, "data", "data_config.json"))
+  assert os.path.getmtime(meta) > 0, "the split must be prepared again"
+  assert not os.path.exists(stale), "a partial shard of the dead run must not be read"
 
 
 def test_shards_must_match_the_configs_bos_eos(tmp_path):

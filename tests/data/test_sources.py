@@ -78,6 +78,22 @@ def test_missing_field_names_field_file_and_line(tmp_path):
         list(sources.read_preferences(pref))
 
 
+def test_wrong_json_shapes_name_file_line_and_type(tmp_path):
+    path = _write_jsonl(tmp_path / "list.jsonl", [{"text": "a"}, '["not", "an", "object"]'])
+    with pytest.raises(DataError, match=r"list\.jsonl:2: expected a JSON object, got list"):
+        list(sources.read_jsonl_text(path))
+    path = _write_jsonl(tmp_path / "num.jsonl", [{"text": 7}])
+    with pytest.raises(DataError, match=r"num\.jsonl:1: field 'text' must be str, got int"):
+        list(sources.read_jsonl_text(path))
+
+
+def test_hh_transcript_must_open_with_a_human_turn():
+    with pytest.raises(DataError, match=r"HH transcript must start with '\\n\\nHuman:'"):
+        sources.hh_to_messages("Assistant: hello\n\nHuman: hi")
+    assert sources.hh_to_messages("\n\nHuman: hi\n\nAssistant: hello") == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
 def test_chat_shapes(tmp_path):
     path = _write_jsonl(tmp_path / "c.jsonl", [
         {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},

@@ -138,8 +138,10 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
 def test_bad_prompts_and_configs():
   with pytest.raises(ValueError, match="at least one token"):
     left_pad([[1], []], 0)
-  with pytest.raises(ValueError, match="top_p"):
-    SamplingConfig(top_p=0.0)
+  for field, value in (("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1), ("top_k", -1),
+                       ("max_new_tokens", 0)):
+    with pytest.raises(ValueError, match=rf"SamplingConfig\.{field} must be .*got {value}"):
+      SamplingConfig(**{field: value})
   model = build("tiny_gpt2")
   graphdef, params = nnx.split(model)
   toks, mask = left_pad(PROMPTS, 0)

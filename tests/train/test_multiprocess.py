@@ -54,16 +54,21 @@ def test_hosts_batches_concatenate_to_the_single_process_batch(prepared, hosts):
             err_msg=f"batch {k} {key}: hosts' rows in process order must be the one-process batch")
 
 
-def test_launcher_and_precedence():
+def test_launcher_and_precedence(monkeypatch):
   assert distributed.launcher({}) is None
   slurm = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="n[1-2]", SLURM_PROCID="0", SLURM_LOCALID="0")
   assert distributed.launcher(dict(slurm, SLURM_NTASKS="2")) == "slurm"
   assert distributed.launcher(dict(slurm, SLURM_NTASKS="1")) is None, "one task: no coordinator"
   assert distributed.launcher({"JAX_COORDINATOR_ADDRESS": "h:1"}) == "JAX_COORDINATOR_ADDRESS"
   assert distributed.initialize({"coordinator": "off"}).startswith("single process")
-  if distributed.launcher() is None:
-    with pytest.raises(ValueError, match="need distributed.coordinator"):
-      distributed.initialize({"num_processes": 2, "process_id": 0})
+  # Outside any launcher (cleared here, so this runs under srun or mpirun too), 2 processes
+  # need a coordinator address.
+  for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda: False)
+  assert distributed.launcher() is None
+  with pytest.raises(ValueError, match="need distributed.coordinator"):
+    distributed.initialize({"num_processes": 2, "process_id": 0})
 
 
 def test_xla_flags_reach_xla_before_jax_starts():

@@ -227,22 +227,62 @@ def test_flat_grad_reduce_on_a_sharded_layout_fails_before_compiling(tmp_path, m
   assert not jitted
 
 
-def test_evaluate_matches_scoring_each_document_piece_alone(tmp_path):
-  """loop.evaluate over a split of several documents, its last batch padded: the loss it
-  reports is the mean next-token NLL (without the z-loss the step trains on), against a
-  float64 NumPy scoring of every row's document pieces, each run as its own sequence."""
+def char_shards_config(tmp_path):
+  """tiny_test on a few character-level documents prepared under tmp_path (no tokenizer
+  training): 2 in the train split, 4 in the validation split, 17 rows of 33."""
   from configs.experiments import tiny_test
-  from data.prepare import TokenShards, prepare
+  from data.prepare import prepare
   from data.tokenizer import CharTokenizer
-  from train import loop
 
   docs = [f"{name}: " + "thou art more lovely and more temperate " * (k + 1)
-          for k, name in enumerate(["ROMEO", "JULIET", "NURSE", "MERCUTIO", "TYBALT"])] + ["PARIS: amen, amen"]
+          for k, name in enumerate(["ROMEO", "JULIET", "NURSE", "MERCUTIO", "TYBALT"])]
+  docs.append("PARIS: amen, amen")
   tok = CharTokenizer.from_text("".join(docs))
   prepare(docs[:2], tok, tmp_path / "data" / "train", progress=False)
   prepare(docs[2:], tok, tmp_path / "data" / "val", progress=False)
   config = tiny_test.get_config()
   config.data.corpus, config.data.path = "shards", str(tmp_path / "data")
+  return config
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.eval_evry", 5, r"config\.train has unknown fields \['eval_evry'\]"),
+    ("data.batchsize", 8, r"config\.data has unknown fields \['batchsize'\]"),
+    ("data.corpus", "wiki", r"data\.corpus='wiki' is unknown; choose one of"),
+    ("data.seq_len", 0, r"data\.seq_len must be > 0, got 0"),
+    ("model.vocab_size", 10, r"model\.vocab_size=10 is smaller than the tokenizer's \d+; set "
+                             r"it to 0"),
+    ("model.position", "learned", r"data\.seq_len=32 exceeds model\.max_seq_len=16"),
+    ("train.sample_prompt", "ROMEO: " * 3, r"train\.sample_prompt is 22 tokens; with learned "
+                                           r"positions it must leave room"),
+])
+def test_bad_config_values_are_named_before_anything_compiles(tmp_path, monkeypatch, field,
+                                                              value, message):
+  from train import loop
+
+  config = char_shards_config(tmp_path)
+  if field.startswith(("model.position", "train.sample_prompt")):
+    config.model.position, config.model.max_seq_len = "learned", 16
+    if field == "train.sample_prompt":
+      config.data.seq_len = 16
+  section, name = field.split(".")
+  config[section][name] = value
+  jitted = []
+  real_jit = jax.jit
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: jitted.append(a) or real_jit(*a, **k))
+  with pytest.raises(ValueError, match=message):
+    loop.build(config, str(tmp_path / "run"))
+  assert not jitted
+
+
+def test_evaluate_matches_scoring_each_document_piece_alone(tmp_path):
+  """loop.evaluate over a split of several documents, its last batch padded: the loss it
+  reports is the mean next-token NLL (without the z-loss the step trains on), against a
+  float64 NumPy scoring of every row's document pieces, each run as its own sequence."""
+  from data.prepare import TokenShards
+  from train import loop
+
+  config = char_shards_config(tmp_path)
   config.train.z_loss = 1e-2
   run = loop.build(config, str(tmp_path / "run"))
   # Spread the logits (init std 0.02 leaves them near uniform) so argmax has no near ties.
