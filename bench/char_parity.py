@@ -55,9 +55,9 @@ def main():
                                          progress=False)
   model = peer_model(c.model, vocab=tok.vocab_size, seed=args.seed)
   if args.vocab == "chars":
-    rows = model.wte.weight.data[:len(tok.chars)].clone()
-    model.wte = torch.nn.Embedding(*rows.shape)
-    model.wte.weight.data.copy_(rows)
+    # from_pretrained draws nothing from torch's RNG, so the two vocabularies stay paired.
+    model.wte = torch.nn.Embedding.from_pretrained(
+        model.wte.weight.data[:len(tok.chars)].clone(), freeze=False)
   decay = [p for p in model.parameters() if p.dim() >= 2]  # nanoGPT's two parameter groups
   no_decay = [p for p in model.parameters() if p.dim() < 2]
   opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.opt.weight_decay},
@@ -105,8 +105,9 @@ def main():
     print("nanoGPT estimate_loss (20 batches) x", args.estimates, ":",
           " ".join(f"{e:.4f}" for e in est), f"; over 1000 batches: {big:.4f}")
   data = f"data seed {args.data_seed}" if args.batches == "ours" else "nanoGPT's get_batch"
-  print(f"pytorch peer, seed {args.seed}, {data}, vocab {model.wte.weight.shape[0]}: val loss {total / count:.4f} over the whole "
-        f"validation split at {args.steps} steps ({train_s:.0f} s training)")
+  print(f"pytorch peer, seed {args.seed}, {data}, vocab {model.wte.weight.shape[0]}: "
+        f"val loss {total / count:.4f} over the whole validation split at {args.steps} steps "
+        f"({train_s:.0f} s training)")
 
 
 if __name__ == "__main__":

@@ -7,5 +7,19 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def assert_trees_close(got, want, rtol=1e-5, floor=1e-8):
+  """Leaf by leaf, within rtol of that leaf's largest magnitude: fp32 sums in another order
+  differ relative to the tensor's scale, not to each entry (a near-zero entry may differ more
+  than its own size). `floor` admits the rounding noise of a gradient that is zero in exact
+  arithmetic, such as a key bias's (softmax ignores a shift shared by a query's logits)."""
+  def check(path, a, b):
+    scale = float(np.abs(np.asarray(b)).max())
+    np.testing.assert_allclose(a, b, rtol=0, atol=rtol * scale + floor,
+                               err_msg=jax.tree_util.keystr(path))
+  jax.tree_util.tree_map_with_path(check, got, want)
+

@@ -7,6 +7,7 @@ from flax import nnx
 from model import axes
 from model.config import PRESETS, ModelConfig, preset
 from model.transformer import Transformer
+from tests.model.conftest import param_count as count
 
 
 def closed_form_params(c: ModelConfig) -> int:
@@ -23,9 +24,6 @@ def closed_form_params(c: ModelConfig) -> int:
   return total
 
 
-def count(cfg):
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -1,5 +1,6 @@
 """The decoder: causality, packing, padding, KV cache, scan/remat equivalence, heads."""
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from model.attention import KVCache, cache_prefixes
 from model.transformer import ScalarModel, Transformer, last_token_values
 from model.config import preset
 from train import losses
-from tests.model.conftest import assert_trees_close, build, tokens
+from tests.conftest import assert_trees_close
+from tests.model.conftest import build, tokens
 
 PRESETS = ["tiny", "tiny_gpt2"]
 
@@ -257,25 +259,35 @@ def test_exact_gelu_and_its_gradient_match_the_closed_form():
   assert 1e-4 < np.abs(approx - want).max() < 1e-3
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_bfloat16_compute_matches_float32_at_bfloat16_precision(name):
+def _dot_dtypes(jaxpr) -> set[str]:
+  """'accumulation:operand' dtypes of every dot_general, in nested jaxprs (scan bodies) too."""
+  out = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.add(f"{eqn.params.get('preferred_element_type')}:{eqn.invars[0].aval.dtype}")
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out |= _dot_dtypes(sub)
+  return out
+
+
+@pytest.mark.parametrize("name,scan", [("tiny", False), ("tiny_gpt2", False), ("tiny", True)])
+def test_bfloat16_compute_matches_float32_at_bfloat16_precision(name, scan):
   """dtype=bfloat16 runs the matmuls in bf16 on float32 parameters (the gpt2_124m and llama_1b
-  configs): logits and the loss come back in float32, gradients in the parameters' float32,
-  all within bf16's precision of the float32 model's; the KV cache is bf16 and decode agrees
-  with the bf16 forward."""
-  m32, m16 = build(name), build(name, dtype="bfloat16")
+  configs, the latter scanned): logits and the loss come back in float32, gradients in the
+  parameters' float32, each within bf16's precision of the float32 model's; the KV cache is
+  bf16 and decode agrees with the bf16 forward."""
+  m32, m16 = build(name, scan_layers=scan), build(name, scan_layers=scan, dtype="bfloat16")
   toks = tokens(2, 16, seed=1)
-  dots = {str(e.params.get("preferred_element_type")) + ":" + str(e.invars[0].aval.dtype)
-          for e in jax.make_jaxpr(lambda: m16(toks))().eqns if e.primitive.name == "dot_general"}
+  dots = _dot_dtypes(jax.make_jaxpr(lambda: m16(toks))().jaxpr)
   # Every matmul takes bf16 operands; the attention logits (QK^T) accumulate in float32.
   assert all(d.endswith(":bfloat16") for d in dots) and "float32:bfloat16" in dots, dots
   want, got = m32(toks), m16(toks)
   assert got.dtype == jnp.float32
   scale = float(jnp.abs(want).max())
   err = float(jnp.abs(got - want).max())
-  # bf16 keeps 8 bits of mantissa; two layers of rounding put the logits about 5% of their
-  # largest magnitude from float32 here. Exactly equal would mean bf16 was never used.
-  assert 0 < err < 0.1 * scale, (err, scale)
+  # bf16 keeps 8 bits of mantissa: two layers of it put the logits 1.2-1.6% of their largest
+  # magnitude from float32 (measured). Exactly equal would mean bf16 was never used.
+  assert 0 < err < 0.05 * scale, (err, scale)
 
   batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
            "positions": jnp.broadcast_to(jnp.arange(15), (2, 15)),
@@ -287,10 +299,17 @@ def test_bfloat16_compute_matches_float32_at_bfloat16_precision(name):
 
   (l32, g32), (l16, g16) = grads(m32), grads(m16)
   assert l16.dtype == jnp.float32 and abs(float(l16) / float(l32) - 1) < 1e-2
-  assert {x.dtype for x in jax.tree.leaves(g16)} == {jnp.dtype(jnp.float32)}
-  flat = lambda t: jnp.concatenate([x.ravel() for x in jax.tree.leaves(t)])
-  a, b = flat(g32), flat(g16)
-  assert float(a @ b / jnp.linalg.norm(a) / jnp.linalg.norm(b)) > 0.99
+  largest = max(float(jnp.linalg.norm(a)) for a in jax.tree.leaves(g32))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), jax.tree.leaves(g16)):
+    where, size = jax.tree_util.keystr(path), float(jnp.linalg.norm(a))
+    assert b.dtype == jnp.float32, where
+    if size < 1e-6 * largest:  # zero in exact arithmetic (the key bias): rounding noise only
+      assert float(jnp.linalg.norm(b)) < 1e-3 * largest, where
+      continue
+    # Every other leaf, small ones (norm scales, biases) included, within bf16's precision:
+    # the worst measured was 2% (a key kernel).
+    rel = float(jnp.linalg.norm(b - a)) / size
+    assert rel < 0.05, (where, rel)
 
   cache = m16.init_cache(2, 16)
   assert cache.k_NxBxGxTxK.dtype == jnp.bfloat16

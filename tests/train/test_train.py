@@ -15,6 +15,7 @@ from model.transformer import Transformer
 from train import checkpoint as ckpt
 from train import losses, optim, partitioning
 from train import step as steplib
+from tests.conftest import assert_trees_close
 
 CFG = preset("tiny", vocab_size=64, max_seq_len=16)
 
@@ -68,10 +69,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   four = steplib.compute_grads(graphdef, losses.lm_loss, state.params, put(big), rng, 4)
   np.testing.assert_allclose(four[0], one[0], rtol=1e-6)
   assert float(four[1]) == float(one[1]) == 8 * 16
-  # fp32 tolerance relative to each tensor's scale: entries are sums over 128 tokens.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-5 * float(np.abs(b).max())),
-               four[3], one[3])
+  assert_trees_close(four[3], one[3])  # entries are sums over 128 tokens
 
   s1, step1, put1, _ = setup(devices=jax.devices()[:1])
   s4, step4, put4, _ = setup(devices=jax.devices()[:1], grad_accum=4)
@@ -97,6 +95,21 @@ def test_accumulated_loss_weights_tokens_not_microbatches():
   np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
 
 
+def log_softmax64(logits):
+  shifted = np.asarray(logits, np.float64)
+  shifted = shifted - shifted.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+@pytest.fixture
+def jit_calls(monkeypatch):
+  """Every jax.jit call made while the test runs."""
+  calls = []
+  real_jit = jax.jit
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: calls.append(a) or real_jit(*a, **k))
+  return calls
+
+
 def test_cross_entropy_matches_numpy():
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
@@ -104,8 +117,9 @@ def test_cross_entropy_matches_numpy():
   weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
   loss_sum, count, _ = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
                                             jnp.asarray(weights), z_loss=1e-2)
-  logz = np.log(np.exp(logits.astype(np.float64)).sum(-1))
-  nll = logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  logp = log_softmax64(logits)
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  logz = logits[..., 0] - logp[..., 0]  # log-sum-exp: any logit minus its log-probability
   np.testing.assert_allclose(loss_sum, ((nll + 1e-2 * logz ** 2) * weights).sum(), rtol=1e-5)
   assert float(count) == weights.sum()
 
@@ -209,7 +223,7 @@ def test_query_blocks_must_divide_the_training_length(tmp_path):
   assert not os.listdir(tmp_path)
 
 
-def test_flat_grad_reduce_on_a_sharded_layout_fails_before_compiling(tmp_path, monkeypatch):
+def test_flat_grad_reduce_on_a_sharded_layout_fails_before_compiling(tmp_path, jit_calls):
   """`--config.mesh.grad_reduce=flat` with the fsdp layout: refused by `loop.build` when the
   shardings are known, before the init or the step is jitted."""
   from configs.experiments import tiny_test
@@ -218,13 +232,10 @@ def test_flat_grad_reduce_on_a_sharded_layout_fails_before_compiling(tmp_path, m
   config = tiny_test.get_config()
   config.mesh.layout = "fsdp"
   config.mesh.grad_reduce = "flat"
-  jitted = []
-  real_jit = jax.jit
-  monkeypatch.setattr(jax, "jit", lambda *a, **k: jitted.append(a) or real_jit(*a, **k))
   with pytest.raises(partitioning.PartitionError, match=r"mesh.grad_reduce='flat' needs "
                                                          r"replicated parameters"):
     loop.build(config, str(tmp_path))
-  assert not jitted
+  assert not jit_calls
 
 
 def char_shards_config(tmp_path):
@@ -245,40 +256,37 @@ def char_shards_config(tmp_path):
   return config
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("train.eval_evry", 5, r"config\.train has unknown fields \['eval_evry'\]"),
-    ("data.batchsize", 8, r"config\.data has unknown fields \['batchsize'\]"),
-    ("data.corpus", "wiki", r"data\.corpus='wiki' is unknown; choose one of"),
-    ("data.seq_len", 0, r"data\.seq_len must be > 0, got 0"),
-    ("model.vocab_size", 10, r"model\.vocab_size=10 is smaller than the tokenizer's \d+; set "
-                             r"it to 0"),
-    ("model.position", "learned", r"data\.seq_len=32 exceeds model\.max_seq_len=16"),
-    ("train.sample_prompt", "ROMEO: " * 3, r"train\.sample_prompt is 22 tokens; with learned "
-                                           r"positions it must leave room"),
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.eval_evry": 5}, r"config\.train has unknown fields \['eval_evry'\]"),
+    ({"data.batchsize": 8}, r"config\.data has unknown fields \['batchsize'\]"),
+    ({"data.corpus": "wiki"}, r"data\.corpus='wiki' is unknown; choose one of"),
+    ({"data.seq_len": 0}, r"data\.seq_len must be > 0, got 0"),
+    ({"model.vocab_size": 10}, r"model\.vocab_size=10 is smaller than the tokenizer's \d+; "
+                               r"set it to 0"),
+    ({"model.position": "learned", "model.max_seq_len": 16},
+     r"data\.seq_len=32 exceeds model\.max_seq_len=16"),
+    ({"model.position": "learned", "model.max_seq_len": 16, "data.seq_len": 16,
+      "train.sample_prompt": "ROMEO: " * 3},
+     r"train\.sample_prompt is 22 tokens; with learned positions it must leave room"),
 ])
-def test_bad_config_values_are_named_before_anything_compiles(tmp_path, monkeypatch, field,
-                                                              value, message):
+def test_bad_config_values_are_named_before_anything_compiles(tmp_path, jit_calls, overrides,
+                                                              message):
   from train import loop
 
   config = char_shards_config(tmp_path)
-  if field.startswith(("model.position", "train.sample_prompt")):
-    config.model.position, config.model.max_seq_len = "learned", 16
-    if field == "train.sample_prompt":
-      config.data.seq_len = 16
-  section, name = field.split(".")
-  config[section][name] = value
-  jitted = []
-  real_jit = jax.jit
-  monkeypatch.setattr(jax, "jit", lambda *a, **k: jitted.append(a) or real_jit(*a, **k))
+  for field, value in overrides.items():
+    section, name = field.split(".")
+    config[section][name] = value
   with pytest.raises(ValueError, match=message):
     loop.build(config, str(tmp_path / "run"))
-  assert not jitted
+  assert not jit_calls
 
 
 def test_evaluate_matches_scoring_each_document_piece_alone(tmp_path):
   """loop.evaluate over a split of several documents, its last batch padded: the loss it
-  reports is the mean next-token NLL (without the z-loss the step trains on), against a
-  float64 NumPy scoring of every row's document pieces, each run as its own sequence."""
+  reports is the mean next-token NLL (without the z-loss the step trains on), against scoring
+  every row's document pieces alone, each run through the model as its own sequence, with a
+  float64 NumPy log-softmax. What is checked is evaluate's rows, segments, padding and sums."""
   from data.prepare import TokenShards
   from train import loop
 
@@ -303,9 +311,8 @@ def test_evaluate_matches_scoring_each_document_piece_alone(tmp_path):
       piece = stream[a:b].astype(np.int32)
       if len(piece) < 2:
         continue
-      logits = np.asarray(model(jnp.asarray(piece[None, :-1])), np.float64)[0]
-      shifted = logits - logits.max(-1, keepdims=True)
-      logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+      logits = np.asarray(model(jnp.asarray(piece[None, :-1])))[0]
+      logp = log_softmax64(logits)
       nll -= logp[np.arange(len(piece) - 1), piece[1:]].sum()
       correct += (logits.argmax(-1) == piece[1:]).sum()
       count += len(piece) - 1
