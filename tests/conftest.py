@@ -22,4 +22,3 @@ def assert_trees_close(got, want, rtol=1e-5, floor=1e-8):
     np.testing.assert_allclose(a, b, rtol=0, atol=rtol * scale + floor,
                                err_msg=jax.tree_util.keystr(path))
   jax.tree_util.tree_map_with_path(check, got, want)
-

@@ -38,7 +38,8 @@ def test_unfinished_preparation_is_redone(tmp_path):
   meta = os.path.join(train_dir, "meta.json")
   os.utime(meta, (0, 0))
   stale = os.path.join(train_dir, "tokens-99999.bin")  # a shard the dead run left behind
-  open(stale, "wb").write(b"\0" * 64)
+  with open(stale, "wb") as f:
+    f.write(b"\0" * 64)
   corpus.build(cfg, work, progress=False)
   assert os.path.exists(os.path.join(work, "data", "data_config.json"))
   assert os.path.getmtime(meta) > 0, "the split must be prepared again"

@@ -24,8 +24,6 @@ def closed_form_params(c: ModelConfig) -> int:
   return total
 
 
-
-
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_parameter_count_matches_closed_form(name):
   """eval_shape only: the 1B and 7B presets are never allocated."""
