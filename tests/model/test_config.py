@@ -1,6 +1,5 @@
 """Config validation, parameter counts against closed forms, logical axes on every parameter."""
 import jax
-import numpy as np
 import pytest
 from flax import nnx
 
