@@ -45,12 +45,16 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, mesh_shape: Mapp
   activation rule splits it over (batch for all, then embed/heads/kv_heads/mlp/vocab):
     layer = c * (4D [block input, both norm outputs, mid-block residual]
                  + 2HK [q, attention output] + 2GK [k, v] + 3F [gate, up, their product;
-                 2F for GELU]) + 4 * H * L [float32 attention probabilities: the XLA path
-                 materialises B*H*L*L; cudnn (flash) keeps only a log-sum-exp, 4 * H]
+                 2F for GELU]) + 3 * 4 * H * L [the XLA path's float32 B*H*L*L attention
+                 tensors, three a layer as measured below; cudnn (flash) keeps only a
+                 log-sum-exp, 4 * H]
     head  = 2 * 4V [float32 logits and their softmax] + 3cD [embedding, final norm in/out]
   remat none: N * layer. full: N * cD (block inputs) + one layer being recomputed.
   dots: N * c(3D + HK + 2GK + 2F) (block input and the matmul outputs) + one layer.
-  XLA's temporaries and fusion change the true figure; this is the order of magnitude.
+  Against XLA:CPU's compiled temp bytes of a gradient (the tiny preset, 4 scanned layers,
+  sequences of 256-1024), measured: temp is 0.97-1.17x this estimate for every remat policy
+  (1.8-2.6x when one float32 L*L tensor a layer was counted). Unscanned, XLA:CPU's schedule
+  ignores remat and keeps about what remat none keeps (docs/benchmarks.md).
   """
   def split(logical):
     return math.prod(mesh_shape[m] for m in partitioning._mesh_axes_of(rules.get(logical)))
@@ -62,7 +66,7 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, mesh_shape: Mapp
   se, sh, sg, sm = (split(axes.ACT_EMBED), split(axes.ACT_HEADS), split(axes.ACT_KV_HEADS),
                     split(axes.ACT_MLP))
   mlp_width = 3 if cfg.mlp == "swiglu" else 2
-  probs = 4 * h * (1 if cfg.attention_impl == "cudnn" else seq_len) / sh
+  probs = 4 * h * (1 if cfg.attention_impl == "cudnn" else 3 * seq_len) / sh
   layer = c * (4 * d / se + 2 * h * k / sh + 2 * g * k / sg + mlp_width * f / sm) + probs
   if cfg.remat == "none":
     saved = cfg.n_layers * layer
