@@ -127,8 +127,7 @@ def cache_prefixes(t: int, l: int, bucket: int) -> list[int]:
   while power < t:  # bucket * 2^i and bucket * 3 * 2^(i-1)
     lengths.update(n for n in (power, power * 3 // 2) if l <= n < t)
     power *= 2
-  lengths = sorted(lengths)
-  return lengths + [t]
+  return sorted(lengths) + [t]
 
 
 class Attention(nnx.Module):

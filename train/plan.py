@@ -66,8 +66,8 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, mesh_shape: Mapp
   se, sh, sg, sm = (split(axes.ACT_EMBED), split(axes.ACT_HEADS), split(axes.ACT_KV_HEADS),
                     split(axes.ACT_MLP))
   mlp_width = 3 if cfg.mlp == "swiglu" else 2
-  probs = 4 * h * (1 if cfg.attention_impl == "cudnn" else 3 * seq_len) / sh
-  layer = c * (4 * d / se + 2 * h * k / sh + 2 * g * k / sg + mlp_width * f / sm) + probs
+  attn_LxL = 4 * h * (1 if cfg.attention_impl == "cudnn" else 3 * seq_len) / sh
+  layer = c * (4 * d / se + 2 * h * k / sh + 2 * g * k / sg + mlp_width * f / sm) + attn_LxL
   if cfg.remat == "none":
     saved = cfg.n_layers * layer
   elif cfg.remat == "full":
