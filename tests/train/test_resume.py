@@ -1,4 +1,4 @@
-"""Exact resume: a run stopped by SIGTERM, or killed with -9 after a checkpoint, and resumed
+"""Exact resume: a run stopped by SIGTERM or SIGINT, or killed with -9 after a checkpoint, and resumed
 has bitwise the losses and final parameters of an uninterrupted run (CPU), dropout included."""
 import os
 import signal
@@ -81,18 +81,20 @@ def assert_same_run(workdir, reference):
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir), want_params)
 
 
-def test_sigterm_saves_and_resumes_exactly(prepared, reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_and_resumes_exactly(sig, prepared, reference, tmp_path):
+  """A preemption notice (SIGTERM) or Ctrl-C (SIGINT) saves the step it stopped at."""
   workdir = str(tmp_path)
   proc = start(workdir, prepared)
   metrics = os.path.join(workdir, "metrics.jsonl")
   wait_for(lambda: os.path.exists(metrics) and len(read_metrics(metrics)) >= 15, proc)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out = finish(proc)
   assert "received signal" in out, out[-2000:]
   stopped = max(losses_by_step(workdir))
   assert stopped < STEPS, "the signal arrived after the run had finished"
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped))), \
-      "SIGTERM must checkpoint the step it stopped at"
+      f"{signal.Signals(sig).name} must checkpoint the step it stopped at"
   out = finish(start(workdir, prepared))
   assert f"resumed from step {stopped}" in out
   assert_same_run(workdir, reference)
