@@ -63,7 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.async_checkpoints = True  # write checkpoints in the background
   c.train.max_seconds = 0.0  # stop (and checkpoint) after this much training time; 0: no limit
   c.train.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss
-  c.train.peak_flops = 0.0  # peak FLOP/s of all devices for MFU; 0: measure a matmul on CPU
+  # MFU's peak: one device's FLOP/s (the loop multiplies it by the device count); 0: measure a
+  # float32 matmul on this host's CPU.
+  c.train.peak_flops = 0.0
   c.train.sample_prompt = ""  # text that evaluation samples continue
   c.train.sample_tokens = 200  # tokens per evaluation sample
   c.train.sample_temperature = 0.8  # evaluation sampling temperature

@@ -225,8 +225,13 @@ def train(config, workdir: str) -> dict:
   writer = metrics.MetricsWriter(workdir, tc.tensorboard)
   tokens_per_step = run.data_cfg.batch_size * run.data_cfg.seq_len
   flops_token = metrics.flops_per_token(run.model_cfg, run.n_params, run.data_cfg.seq_len)
-  peak = tc.peak_flops or (metrics.measure_peak_flops() if jax.default_backend() == "cpu"
-                           else 0.0)
+  # MFU's denominator: train.peak_flops is one device's peak; measured, one host's CPU.
+  if tc.peak_flops:
+    peak = tc.peak_flops * jax.device_count()
+  elif jax.default_backend() == "cpu":
+    peak = metrics.measure_peak_flops() * jax.process_count()
+  else:
+    peak = 0.0
   summary: dict[str, Any] = {"params": run.n_params, "start_step": start, "workdir": workdir}
   if start == 0:
     summary["sample_before"] = sample_text(run, run.state.params)
@@ -238,16 +243,22 @@ def train(config, workdir: str) -> dict:
     print("compiled train step: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else
                                              f"{k}={v}" for k, v in compile_info.items()))
 
-  def log(step, m, seconds, n_steps):
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
-    m["tokens_per_s"] = n_steps * tokens_per_step / max(seconds, 1e-9)
-    m["mfu"] = m["tokens_per_s"] * flops_token / peak if peak else None
-    writer.write(step, m)
-    return m
-
   bar = tqdm.tqdm(total=tc.steps, initial=start, disable=not (tc.progress and primary),
                   unit="step", dynamic_ncols=True)
-  last, t_last, steps_since, pending = {}, time.perf_counter(), 0, None
+  clock = metrics.StepClock(start)
+
+  def log(step, m):
+    """Waits for `step`'s metrics, then logs them with the rate since the last log."""
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    clock.reached(step)
+    m.update(metrics.throughput(*clock.take_window(), tokens_per_step, flops_token, peak))
+    writer.write(step, m)
+    if m["tokens_per_s"] is not None:
+      bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
+                      mfu=f"{m['mfu']:.1%}" if m["mfu"] is not None else "n/a")
+    return m
+
+  last, pending = {}, None
   t_start = time.perf_counter()
   stop = ckpt.StopSignal()
   step = start
@@ -256,15 +267,10 @@ def train(config, workdir: str) -> dict:
     while step < tc.steps:
       run.state, m = compiled(run.state, batch)
       step += 1
-      steps_since += 1
       if pending is not None:  # read the previous step's metrics while this one runs
         pending_step, pending_m = pending
         if pending_step % tc.log_every == 0 or pending_step == start + 1:
-          now = time.perf_counter()
-          last = log(pending_step, pending_m, now - t_last, steps_since - 1)
-          t_last, steps_since = now, 1
-          bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                          mfu=f"{last['mfu']:.1%}" if last["mfu"] is not None else "n/a")
+          last = log(pending_step, pending_m)
       pending = (step, m)
       bar.update(1)
       timed_out = tc.max_seconds and time.perf_counter() - t_start > tc.max_seconds
@@ -275,21 +281,29 @@ def train(config, workdir: str) -> dict:
       data_state = it.get_state()  # exactly `step` batches consumed: what a resume needs
       if not done:
         batch = partitioning.shard_batch(next(it), run.mesh, run.rules)
-      if tc.eval_every and step % tc.eval_every == 0 and not done:
+      evaluating = tc.eval_every and step % tc.eval_every == 0 and not done
+      saving = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or done
+      if done:  # the last step is always logged
+        last, pending = log(step, m), None
+      elif evaluating or saving:  # count this step's time, then leave the pause out
+        jax.block_until_ready(m)
+        clock.reached(step)
+      if evaluating:
         ev = evaluate(run, run.state.params, tc.eval_batches)
         writer.write(step, ev, prefix="val")
         writer.text(step, "sample", sample_text(run, run.state.params, seed=step))
         bar.write(f"step {step}: val loss {ev['loss']:.4f}")
-      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or done:
+      if saving:
         checkpointer.save(step, run.state, data_state, config.to_dict())
       if done:
         break
-    if pending is not None:
-      last = log(pending[0], pending[1], time.perf_counter() - t_last, steps_since)
+      if evaluating or saving:
+        clock.resumed()
   bar.close()
   checkpointer.close()
-  summary.update(final_step=step, train_loss=last.get("loss"),
-                 tokens_per_s=last.get("tokens_per_s"), mfu=last.get("mfu"),
+  # The run's rate: every step this process ran over the time spent stepping.
+  rate = metrics.throughput(clock.total_steps, clock.total_s, tokens_per_step, flops_token, peak)
+  summary.update(final_step=step, train_loss=last.get("loss"), **rate,
                  stopped_by_signal=stop.received, train_seconds=time.perf_counter() - t_start)
   if signalled:
     print(f"received signal {stop.received or 'in another process'}: saved a checkpoint at step "

@@ -40,6 +40,47 @@ def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
   return 2.0 * size ** 3 / float(np.median(times))
 
 
+class StepClock:
+  """Seconds spent stepping, with evaluation, checkpoints and samples left out.
+
+  Steps run asynchronously: the host dispatches one while the device still runs the last, so
+  a step counts as done only once the host has waited for its results. Call `reached(step)`
+  right after that wait. Host work that should not count (evaluation, a checkpoint) runs
+  between a `reached` and a `resumed()`. `take_window()` gives the steps and seconds since
+  the previous call, for the logged rate. `total_steps` and `total_s` cover the whole run."""
+
+  def __init__(self, step: int):
+    self._t, self._step = time.perf_counter(), step
+    self._window_steps, self._window_s = 0, 0.0
+    self.total_steps, self.total_s = 0, 0.0
+
+  def reached(self, step: int):
+    now = time.perf_counter()
+    n, seconds = step - self._step, now - self._t
+    self._window_steps += n
+    self._window_s += seconds
+    self.total_steps += n
+    self.total_s += seconds
+    self._t, self._step = now, step
+
+  def resumed(self):
+    self._t = time.perf_counter()
+
+  def take_window(self) -> tuple[int, float]:
+    out = (self._window_steps, self._window_s)
+    self._window_steps, self._window_s = 0, 0.0
+    return out
+
+
+def throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_token: float,
+               peak_flops: float) -> dict:
+  """tokens/s and MFU (None when unknown) of `steps` steps taking `seconds`."""
+  if steps <= 0 or seconds <= 0:
+    return {"tokens_per_s": None, "mfu": None}
+  rate = steps * tokens_per_step / seconds
+  return {"tokens_per_s": rate, "mfu": rate * flops_per_token / peak_flops if peak_flops else None}
+
+
 class MetricsWriter:
   """Writes scalars to TensorBoard (when available) and to metrics.jsonl, on process 0."""
 

@@ -1,5 +1,6 @@
 """LLaMA-style ~1.1B for GPUs: bf16 compute, scanned and rematerialised layers, FSDP.
-Set train.peak_flops to the devices' bf16 peak (e.g. 989e12 per H100) for MFU."""
+train.peak_flops is one device's dense bf16 peak (989e12 for an H100 SXM); MFU multiplies
+it by the device count."""
 from configs import base
 
 

@@ -320,3 +320,62 @@ def test_evaluate_matches_scoring_each_document_piece_alone(tmp_path):
   np.testing.assert_allclose(got["loss"], nll / count, rtol=1e-5)
   np.testing.assert_allclose(got["perplexity"], np.exp(nll / count), rtol=1e-5)
   np.testing.assert_allclose(got["accuracy"], correct / count, rtol=1e-6)
+
+
+def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
+  """Every train step is made to take at least STEP_S on the device (a host callback that
+  sleeps, inside the step). So no logged window, and not the summary, may be faster than
+  tokens_per_step / STEP_S. Evaluation, samples and checkpoints run between logs and take
+  longer than several steps; a window that counted them would read far slower. Steps are
+  dispatched asynchronously, so a clock read before waiting on a step would give windows
+  that measure dispatch (too fast) and push the wait into the next window."""
+  import shutil
+  import time
+
+  from data.prepare import prepare
+  from data.tokenizer import load_tokenizer
+  from model.config import ModelConfig
+  from train import loop
+  from train.metrics import flops_per_token, read_metrics
+
+  STEP_S = 0.1
+  real_loss = losses.lm_loss
+
+  def slow_loss(model, batch, rng, **kw):
+    loss_sum, count, m = real_loss(model, batch, rng, **kw)
+    slept = jax.pure_callback(lambda x: (time.sleep(STEP_S), x)[1],
+                              jax.ShapeDtypeStruct((), jnp.float32),
+                              jax.lax.stop_gradient(loss_sum))
+    return loss_sum + 0.0 * slept, count, m
+
+  monkeypatch.setattr(losses, "lm_loss", slow_loss)
+  config = char_shards_config(tmp_path)
+  tok = load_tokenizer(tmp_path / "data" / "train" / "tokenizer")
+  shutil.rmtree(tmp_path / "data" / "train")  # 2 rows: too few for batches of 8
+  prepare(["ROMEO: thou art more lovely and more temperate " * 12] * 8, tok,
+          tmp_path / "data" / "train", progress=False)
+  config.train.steps, config.train.log_every = 16, 2
+  config.train.eval_every, config.train.checkpoint_every = 4, 6
+  config.train.peak_flops = 1e9  # one device's
+  workdir = str(tmp_path / "run")
+  summary = loop.train(config, workdir)
+
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  ceiling = tokens_per_step / STEP_S
+  rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+          if r["split"] == "train"]
+  assert [r["step"] for r in rows] == [1] + list(range(2, 17, 2))
+  rates = {r["step"]: r["tokens_per_s"] for r in rows}
+  # A window of n steps lasts at least n * STEP_S, less the moment between one step's end and
+  # the host's wait on it returning; 25% covers that on a loaded machine.
+  too_fast = {s: round(v / ceiling, 2) for s, v in rates.items() if v > 1.25 * ceiling}
+  assert not too_fast, f"windows faster than the device can step (x ceiling): {too_fast}"
+  # Step 1 is left out here: a compiled step's first run also sets itself up.
+  too_slow = {s: round(v / ceiling, 2) for s, v in rates.items() if v < ceiling / 3 and s > 1}
+  assert not too_slow, f"windows that counted evaluation or checkpoints (x ceiling): {too_slow}"
+  assert ceiling / 3 < summary["tokens_per_s"] <= 1.25 * ceiling, summary["tokens_per_s"]
+  # MFU: model FLOPs per second over every device's peak.
+  model_cfg = ModelConfig(**{**config.model, "vocab_size": tok.vocab_size})
+  per_token = flops_per_token(model_cfg, summary["params"], config.data.seq_len)
+  for r in rows + [summary]:
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / (1e9 * jax.device_count()))
