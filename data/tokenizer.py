@@ -1,6 +1,7 @@
 """Tokenizers: sentencepiece (BPE/unigram, byte fallback) and character-level, one interface."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -143,6 +144,22 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     if meta.get("kind") == CharTokenizer.kind:
         return CharTokenizer(meta["chars"])
     raise DataError(f"{path}: unknown tokenizer kind {meta.get('kind')!r}")
+
+
+def tokenizer_to_json(tok: Tokenizer) -> dict:
+    """The whole tokenizer as JSON data: a checkpoint carries it next to the weights."""
+    if isinstance(tok, SentencePieceTokenizer):
+        return {"kind": tok.kind, "model_proto_base64": base64.b64encode(tok.model_proto).decode("ascii")}
+    return {"kind": tok.kind, "chars": tok.chars}
+
+
+def tokenizer_from_json(data: dict, where: str = "tokenizer data") -> Tokenizer:
+    """Inverse of tokenizer_to_json; `where` names the source in errors."""
+    if data.get("kind") == SentencePieceTokenizer.kind:
+        return SentencePieceTokenizer(base64.b64decode(data["model_proto_base64"]))
+    if data.get("kind") == CharTokenizer.kind:
+        return CharTokenizer(data["chars"])
+    raise DataError(f"{where}: unknown tokenizer kind {data.get('kind')!r}")
 
 
 def _lines(texts_or_files: Iterable[str] | str, max_line_bytes: int) -> Iterator[str]:

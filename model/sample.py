@@ -2,8 +2,6 @@
 python -m model.sample --workdir=DIR --prompt='ROMEO:'."""
 from __future__ import annotations
 
-import os
-
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run's workdir")
@@ -25,13 +23,11 @@ def main(argv):
   import numpy as np
   from flax import nnx
 
-  from data.tokenizer import load_tokenizer
   from model.sampling import Sampler, SamplingConfig, left_pad
   from model.transformer import Transformer
   from train import checkpoint
 
-  tok = load_tokenizer(os.path.join(_WORKDIR.value, "tokenizer"))
-  model_cfg, data_cfg, params = checkpoint.load_for_inference(_WORKDIR.value, tok, _STEP.value)
+  model_cfg, data_cfg, params, tok = checkpoint.load_for_inference(_WORKDIR.value, _STEP.value)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
   prompt = tok.encode(_PROMPT.value, bos=data_cfg.get("add_bos", True)) or [tok.bos_id]
   budget = (model_cfg.max_seq_len - len(prompt) if model_cfg.position == "learned"

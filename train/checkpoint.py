@@ -1,5 +1,5 @@
-"""Orbax checkpoints of the train state, data iterator state and config; resume and restore
-onto any mesh layout."""
+"""Orbax checkpoints of the train state, data iterator state, config and tokenizer; resume and
+restore onto any mesh layout."""
 from __future__ import annotations
 
 import os
@@ -26,10 +26,14 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict | None, config: dict) -> bool:
+  def save(self, step: int, state, data_state: dict | None, config: dict,
+           tokenizer: dict | None = None) -> bool:
+    """`tokenizer` is data.tokenizer.tokenizer_to_json's: a checkpoint decodes on its own."""
     args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
     if data_state is not None:
       args["data"] = ocp.args.JsonSave(data_state)
+    if tokenizer is not None:
+      args["tokenizer"] = ocp.args.JsonSave(tokenizer)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict | None]:
@@ -101,10 +105,16 @@ class StopSignal:
     return False
 
 
-def load_for_inference(workdir: str, tokenizer, step: int | None = None):
-  """(ModelConfig, the config's data section, params) from a run's checkpoint, for sampling
-  or export; the optimizer state is read but dropped."""
+def load_for_inference(workdir: str, step: int | None = None):
+  """(ModelConfig, the config's data section, params, tokenizer) from a run's checkpoint, for
+  sampling or export. Only the parameters are read, onto this process's first device. The
+  tokenizer is the one saved in the checkpoint; checkpoints written before it was saved there
+  fall back to the run's `workdir/tokenizer`."""
+  from flax import nnx
+
+  from data.tokenizer import load_tokenizer, tokenizer_from_json
   from model.config import ModelConfig
+  from model.transformer import Transformer
 
   # Absolute: orbax's StandardCheckpointer reads no metadata from a relative path.
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -115,13 +125,23 @@ def load_for_inference(workdir: str, tokenizer, step: int | None = None):
                             f"python -m train.main --workdir={workdir}")
   config = manager.restore_config(step)
   manager.close()
+  path = os.path.join(directory, str(step))
+  if os.path.isdir(os.path.join(path, "tokenizer")):
+    tokenizer = tokenizer_from_json(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+        os.path.join(path, "tokenizer")), where=os.path.join(path, "tokenizer"))
+  else:
+    tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
   model_fields = dict(config["model"])
   model_fields["vocab_size"] = model_fields.get("vocab_size") or tokenizer.vocab_size
-  path = os.path.join(directory, str(step), "state")
-  checkpointer = ocp.StandardCheckpointer()
-  # Restore onto this process's first device, whatever layout the run saved with.
+  model_cfg = ModelConfig(**model_fields)
+  # The parameters alone (not the optimizer's moments, twice their size), onto one device,
+  # whatever layout the run saved with, in the model's own tree (layer keys are ints).
+  abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(
+      lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))[1])
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        dict(checkpointer.metadata(path).item_metadata))
-  state = checkpointer.restore(path, target)
-  return ModelConfig(**model_fields), config.get("data", {}), state["params"]
+  target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)}
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+  state = ocp.PyTreeCheckpointer().restore(
+      os.path.join(path, "state"),
+      args=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True))
+  return model_cfg, config.get("data", {}), state["params"], tokenizer

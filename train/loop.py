@@ -16,6 +16,7 @@ from flax import nnx
 
 from data import corpus
 from data.pipeline import eval_batches, pretrain_iterator
+from data.tokenizer import tokenizer_to_json
 from model.config import ModelConfig
 from model.sampling import Sampler, SamplingConfig, left_pad
 from model.transformer import Transformer
@@ -259,6 +260,7 @@ def train(config, workdir: str) -> dict:
     return m
 
   last, pending = {}, None
+  tokenizer_json = tokenizer_to_json(run.tokenizer)
   t_start = time.perf_counter()
   stop = ckpt.StopSignal()
   step = start
@@ -294,7 +296,7 @@ def train(config, workdir: str) -> dict:
         writer.text(step, "sample", sample_text(run, run.state.params, seed=step))
         bar.write(f"step {step}: val loss {ev['loss']:.4f}")
       if saving:
-        checkpointer.save(step, run.state, data_state, config.to_dict())
+        checkpointer.save(step, run.state, data_state, config.to_dict(), tokenizer_json)
       if done:
         break
       if evaluating or saving:

@@ -1,11 +1,13 @@
 """Tokenizer round trips, special ids and save/load, against plain Python references."""
+import json
 import os
 
 import pytest
 
 from data import sources
 from data.sources import DataError
-from data.tokenizer import CharTokenizer, load_tokenizer, train_sentencepiece
+from data.tokenizer import (CharTokenizer, load_tokenizer, tokenizer_from_json, tokenizer_to_json,
+                            train_sentencepiece)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,10 @@ def test_sentencepiece_round_trip_on_builtin_corpus(plays, model_type, tmp_path)
     again = load_tokenizer(tmp_path / "tok")
     assert type(again) is type(tok)
     assert again.encode(plays["hamlet"][:2000]) == tok.encode(plays["hamlet"][:2000])
+    # As a checkpoint carries it: through JSON text and back.
+    carried = tokenizer_from_json(json.loads(json.dumps(tokenizer_to_json(tok))))
+    assert type(carried) is type(tok) and carried.model_proto == tok.model_proto
+    assert carried.encode(plays["hamlet"][:2000]) == tok.encode(plays["hamlet"][:2000])
 
 
 def _check_specials(tok):
@@ -82,6 +88,10 @@ def test_char_tokenizer_matches_nanogpt_ids_and_round_trips(tmp_path):
     tok.save(tmp_path / "c")
     again = load_tokenizer(tmp_path / "c")
     assert isinstance(again, CharTokenizer) and again.encode(text) == tok.encode(text)
+    carried = tokenizer_from_json(json.loads(json.dumps(tokenizer_to_json(tok))))
+    assert isinstance(carried, CharTokenizer) and carried.encode(text) == tok.encode(text)
+    with pytest.raises(DataError, match=r"ckpt/7/tokenizer: unknown tokenizer kind 'wordpiece'"):
+        tokenizer_from_json({"kind": "wordpiece"}, where="ckpt/7/tokenizer")
 
 
 def test_char_tokenizer_on_tinyshakespeare_has_nanogpt_vocab():

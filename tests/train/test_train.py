@@ -192,21 +192,41 @@ def test_checkpoint_from_one_device_restores_onto_fsdp8(tmp_path):
 
 def test_inference_load_of_an_fsdp8_checkpoint_lands_on_one_device(tmp_path, monkeypatch):
   """model.sample reads checkpoints saved under any layout onto one device, from a workdir
-  given relative to the current directory (as the demo prints it)."""
+  given relative to the current directory (as the demo prints it), with the tokenizer the
+  checkpoint carries: the run's tokenizer directory is not needed."""
   import dataclasses
-  import types
+
+  from data.tokenizer import CharTokenizer, tokenizer_to_json
   state, step, put, _ = setup("fsdp")
   assert len(state.params["embed"]["table_VxD"].sharding.device_set) == 8
+  tok = CharTokenizer(sorted(set("ROMEO: thou art")))
   saver = ckpt.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
-  saver.save(1, state, None, {"model": dataclasses.asdict(CFG), "data": {"add_bos": False}})
+  saver.save(1, state, None, {"model": dataclasses.asdict(CFG), "data": {"add_bos": False}},
+             tokenizer_to_json(tok))
   saver.close()
+  assert not (tmp_path / "tokenizer").exists()
   monkeypatch.chdir(tmp_path.parent)
-  cfg, data_cfg, params = ckpt.load_for_inference(tmp_path.name, types.SimpleNamespace(
-      vocab_size=CFG.vocab_size))
+  cfg, data_cfg, params, got_tok = ckpt.load_for_inference(tmp_path.name)
   assert cfg == CFG and data_cfg == {"add_bos": False}
+  assert got_tok.chars == tok.chars and got_tok.vocab_size == tok.vocab_size
+  assert jax.tree.structure(params) == jax.tree.structure(state.params)
   table = params["embed"]["table_VxD"]
   assert table.sharding.device_set == {jax.devices()[0]}
   np.testing.assert_array_equal(table, np.asarray(state.params["embed"]["table_VxD"]))
+
+
+def test_inference_load_falls_back_to_the_workdir_tokenizer(tmp_path):
+  """A checkpoint saved without a tokenizer (as earlier runs wrote them) takes the run's."""
+  import dataclasses
+
+  from data.tokenizer import CharTokenizer
+  state, *_ = setup("dp")
+  saver = ckpt.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  saver.save(1, state, None, {"model": dataclasses.asdict(CFG)})
+  saver.close()
+  CharTokenizer(sorted(set("JULIET"))).save(tmp_path / "tokenizer")
+  *_, tok = ckpt.load_for_inference(str(tmp_path))
+  assert tok.chars == sorted(set("JULIET"))
 
 
 def test_query_blocks_must_divide_the_training_length(tmp_path):
