@@ -28,6 +28,6 @@ def get_config():
   c.data.batch_size = 64
   c.data.eval_batch_size = 64
   c.train.steps = 5000
-  c.train.eval_every = 500
+  c.train.eval_every = 250  # nanoGPT's eval_interval
   c.train.checkpoint_every = 1000
   return c

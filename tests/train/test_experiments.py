@@ -1,0 +1,35 @@
+"""Every experiment config builds valid settings, and the named recipes hold what they claim."""
+import importlib
+import pkgutil
+
+import pytest
+
+import configs.experiments
+from model.config import ModelConfig
+from tests.model.conftest import param_count
+from train.optim import OptimConfig
+
+NAMES = sorted(m.name for m in pkgutil.iter_modules(configs.experiments.__path__))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_experiment_config_is_valid(name):
+  c = importlib.import_module(f"configs.experiments.{name}").get_config()
+  ModelConfig(**{**c.model, "vocab_size": c.model.vocab_size or c.data.vocab_size})
+  opt = OptimConfig(**dict(c.opt, total_steps=c.train.steps))
+  assert c.data.batch_size % opt.grad_accum == 0, "microbatches must split the batch evenly"
+
+
+def test_gpt2_124m_is_gpt2_small_with_nanogpt_recipe():
+  """124,439,808 parameters at GPT-2's vocabulary of 50257; padded to 50304 (47 more rows of
+  768), 124,475,904. nanoGPT's train_gpt2: 12 rows per GPU x 8 GPUs x 5 microbatches."""
+  from configs.experiments import gpt2_124m
+
+  c = gpt2_124m.get_config()
+  assert param_count(ModelConfig(**c.model)) == 124_439_808 + 47 * 768
+  assert c.data.batch_size * c.data.seq_len == 491_520
+  assert c.data.batch_size // c.opt.grad_accum == 12 * 8
+  assert (c.opt.lr, c.opt.final_lr, c.opt.warmup_steps, c.train.steps) == (6e-4, 6e-5, 2000,
+                                                                           600_000)
+  assert (c.opt.b1, c.opt.b2, c.opt.weight_decay, c.opt.clip_norm) == (0.9, 0.95, 0.1, 1.0)
+  assert c.opt.decay_embeddings
