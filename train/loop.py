@@ -317,6 +317,7 @@ def train(config, workdir: str) -> dict:
   writer.write(step, ev, prefix="val")
   summary["val_loss"] = ev["loss"]
   summary["sample_after"] = sample_text(run, run.state.params, seed=step)
+  writer.text(step, "sample", summary["sample_after"])
   writer.close()
   it.close()
   if primary:
