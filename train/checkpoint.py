@@ -138,6 +138,14 @@ def load_for_inference(workdir: str, step: int | None = None):
   # whatever layout the run saved with, in the model's own tree (layer keys are ints).
   abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(
       lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))[1])
+  # A partial restore fills what the checkpoint lacks with placeholders: compare first.
+  saved = ocp.StandardCheckpointer().metadata(os.path.join(path, "state")).item_metadata
+  want, have = _leaf_paths(abstract), _leaf_paths(dict(saved).get("params", {}))
+  if want != have:
+    raise ValueError(
+        f"{path}: the checkpoint's parameters do not match the model its config builds; "
+        f"missing from the checkpoint: {sorted(want - have)[:5]}, not in the model: "
+        f"{sorted(have - want)[:5]}")
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)}
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
@@ -145,3 +153,9 @@ def load_for_inference(workdir: str, step: int | None = None):
       os.path.join(path, "state"),
       args=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True))
   return model_cfg, config.get("data", {}), state["params"], tokenizer
+
+
+def _leaf_paths(tree) -> set[str]:
+  """'blocks/0/attn/q/kernel'-style paths of a tree's leaves (int and str keys alike)."""
+  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(tree)}

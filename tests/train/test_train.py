@@ -190,29 +190,45 @@ def test_checkpoint_from_one_device_restores_onto_fsdp8(tmp_path):
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
 
 
-def test_inference_load_of_an_fsdp8_checkpoint_lands_on_one_device(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned"])
+def test_inference_load_of_an_fsdp8_checkpoint_lands_on_one_device(tmp_path, monkeypatch, scan):
   """model.sample reads checkpoints saved under any layout onto one device, from a workdir
   given relative to the current directory (as the demo prints it), with the tokenizer the
   checkpoint carries: the run's tokenizer directory is not needed."""
   import dataclasses
 
   from data.tokenizer import CharTokenizer, tokenizer_to_json
-  state, step, put, _ = setup("fsdp")
+  model_cfg = dataclasses.replace(CFG, scan_layers=scan)
+  state, step, put, _ = setup("fsdp", cfg=model_cfg)
   assert len(state.params["embed"]["table_VxD"].sharding.device_set) == 8
   tok = CharTokenizer(sorted(set("ROMEO: thou art")))
   saver = ckpt.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
-  saver.save(1, state, None, {"model": dataclasses.asdict(CFG), "data": {"add_bos": False}},
-             tokenizer_to_json(tok))
+  saver.save(1, state, None, {"model": dataclasses.asdict(model_cfg),
+                              "data": {"add_bos": False}}, tokenizer_to_json(tok))
   saver.close()
   assert not (tmp_path / "tokenizer").exists()
   monkeypatch.chdir(tmp_path.parent)
   cfg, data_cfg, params, got_tok = ckpt.load_for_inference(tmp_path.name)
-  assert cfg == CFG and data_cfg == {"add_bos": False}
+  assert cfg == model_cfg and data_cfg == {"add_bos": False}
   assert got_tok.chars == tok.chars and got_tok.vocab_size == tok.vocab_size
   assert jax.tree.structure(params) == jax.tree.structure(state.params)
-  table = params["embed"]["table_VxD"]
-  assert table.sharding.device_set == {jax.devices()[0]}
-  np.testing.assert_array_equal(table, np.asarray(state.params["embed"]["table_VxD"]))
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+    assert got.sharding.device_set == {jax.devices()[0]}
+    np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_inference_load_names_parameters_the_checkpoint_lacks(tmp_path):
+  """A checkpoint whose config builds another tree (here one more layer) is an error that
+  names the parameters, not placeholders in place of weights."""
+  import dataclasses
+
+  state, *_ = setup("dp")
+  saver = ckpt.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  saver.save(1, state, None, {"model": dataclasses.asdict(
+      dataclasses.replace(CFG, n_layers=CFG.n_layers + 1))}, {"kind": "char", "chars": ["a"]})
+  saver.close()
+  with pytest.raises(ValueError, match=rf"missing from the checkpoint: \['blocks/{CFG.n_layers}/"):
+    ckpt.load_for_inference(str(tmp_path))
 
 
 def test_inference_load_falls_back_to_the_workdir_tokenizer(tmp_path):
@@ -344,11 +360,12 @@ def test_evaluate_matches_scoring_each_document_piece_alone(tmp_path):
 
 def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
   """Every train step is made to take at least STEP_S on the device (a host callback that
-  sleeps, inside the step). So no logged window, and not the summary, may be faster than
-  tokens_per_step / STEP_S. Evaluation, samples and checkpoints run between logs and take
-  longer than several steps; a window that counted them would read far slower. Steps are
-  dispatched asynchronously, so a clock read before waiting on a step would give windows
-  that measure dispatch (too fast) and push the wait into the next window."""
+  sleeps, inside the step), and every evaluation PAUSE_S more on the host. So no logged
+  window, and not the summary, may be faster than tokens_per_step / STEP_S, and a window that
+  counted an evaluation (or a checkpoint) would read below a third of that. Steps are
+  dispatched asynchronously, so a clock read before waiting on a step would give windows that
+  measure dispatch (too fast) and push the wait into the next window. The run's checkpoints
+  also carry its tokenizer."""
   import shutil
   import time
 
@@ -358,8 +375,8 @@ def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
   from train import loop
   from train.metrics import flops_per_token, read_metrics
 
-  STEP_S = 0.1
-  real_loss = losses.lm_loss
+  STEP_S, PAUSE_S = 0.2, 1.0
+  real_loss, real_evaluate = losses.lm_loss, loop.evaluate
 
   def slow_loss(model, batch, rng, **kw):
     loss_sum, count, m = real_loss(model, batch, rng, **kw)
@@ -368,7 +385,12 @@ def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
                               jax.lax.stop_gradient(loss_sum))
     return loss_sum + 0.0 * slept, count, m
 
+  def slow_evaluate(*args, **kw):
+    time.sleep(PAUSE_S)
+    return real_evaluate(*args, **kw)
+
   monkeypatch.setattr(losses, "lm_loss", slow_loss)
+  monkeypatch.setattr(loop, "evaluate", slow_evaluate)
   config = char_shards_config(tmp_path)
   tok = load_tokenizer(tmp_path / "data" / "train" / "tokenizer")
   shutil.rmtree(tmp_path / "data" / "train")  # 2 rows: too few for batches of 8
@@ -376,6 +398,7 @@ def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
           tmp_path / "data" / "train", progress=False)
   config.train.steps, config.train.log_every = 16, 2
   config.train.eval_every, config.train.checkpoint_every = 4, 6
+  config.train.eval_batches = 1
   config.train.peak_flops = 1e9  # one device's
   workdir = str(tmp_path / "run")
   summary = loop.train(config, workdir)
@@ -387,7 +410,7 @@ def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
   assert [r["step"] for r in rows] == [1] + list(range(2, 17, 2))
   rates = {r["step"]: r["tokens_per_s"] for r in rows}
   # A window of n steps lasts at least n * STEP_S, less the moment between one step's end and
-  # the host's wait on it returning; 25% covers that on a loaded machine.
+  # the host's wait on it returning; 25% of a step covers that on a loaded machine.
   too_fast = {s: round(v / ceiling, 2) for s, v in rates.items() if v > 1.25 * ceiling}
   assert not too_fast, f"windows faster than the device can step (x ceiling): {too_fast}"
   # Step 1 is left out here: a compiled step's first run also sets itself up.
@@ -399,3 +422,7 @@ def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
   per_token = flops_per_token(model_cfg, summary["params"], config.data.seq_len)
   for r in rows + [summary]:
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / (1e9 * jax.device_count()))
+  # The checkpoint decodes on its own.
+  shutil.rmtree(os.path.join(workdir, "tokenizer"))
+  *_, carried = ckpt.load_for_inference(workdir)
+  assert carried.chars == tok.chars
