@@ -22,3 +22,10 @@ def assert_trees_close(got, want, rtol=1e-5, floor=1e-8):
     np.testing.assert_allclose(a, b, rtol=0, atol=rtol * scale + floor,
                                err_msg=jax.tree_util.keystr(path))
   jax.tree_util.tree_map_with_path(check, got, want)
+
+
+def log_softmax64(logits):
+  """log_softmax in float64 NumPy: an independent reference for the model's losses."""
+  shifted = np.asarray(logits, np.float64)
+  shifted = shifted - shifted.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
