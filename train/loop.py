@@ -244,8 +244,11 @@ def train(config, workdir: str) -> dict:
     print("compiled train step: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else
                                              f"{k}={v}" for k, v in compile_info.items()))
 
+  tokenizer_json = tokenizer_to_json(run.tokenizer)
   bar = tqdm.tqdm(total=tc.steps, initial=start, disable=not (tc.progress and primary),
                   unit="step", dynamic_ncols=True)
+  clock = metrics.StepClock(start)
+
   def log(step, m):
     """Waits for `step`'s metrics, then logs them with the rate since the last log."""
     m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -258,8 +261,6 @@ def train(config, workdir: str) -> dict:
     return m
 
   last, pending = {}, None
-  tokenizer_json = tokenizer_to_json(run.tokenizer)
-  clock = metrics.StepClock(start)
   t_start = time.perf_counter()
   stop = ckpt.StopSignal()
   step = start

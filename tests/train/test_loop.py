@@ -139,7 +139,7 @@ def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
   """Every train step is made to take at least STEP_S on the device (a host callback that
   sleeps, inside the step), and every evaluation PAUSE_S more on the host. So no logged
   window, and not the summary, may be faster than tokens_per_step / STEP_S, and a window that
-  counted an evaluation (or a checkpoint) would read below a third of that. Steps are
+  counted an evaluation would read below a third of that. Steps are
   dispatched asynchronously, so a clock read before waiting on a step would give windows that
   measure dispatch (too fast) and push the wait into the next window. The run's checkpoints
   also carry its tokenizer."""
