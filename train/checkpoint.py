@@ -114,7 +114,7 @@ def load_for_inference(workdir: str, step: int | None = None):
 
   from data.tokenizer import load_tokenizer, tokenizer_from_json
   from model.config import ModelConfig
-  from model.transformer import Transformer
+  from train.plan import abstract_params
 
   # Absolute: orbax's StandardCheckpointer reads no metadata from a relative path.
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -136,8 +136,7 @@ def load_for_inference(workdir: str, step: int | None = None):
   model_cfg = ModelConfig(**model_fields)
   # The parameters alone (not the optimizer's moments, twice their size), onto one device,
   # whatever layout the run saved with, in the model's own tree (layer keys are ints).
-  abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(
-      lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))[1])
+  abstract = nnx.to_pure_dict(abstract_params(model_cfg))
   # A partial restore fills what the checkpoint lacks with placeholders: compare first.
   saved = ocp.StandardCheckpointer().metadata(os.path.join(path, "state")).item_metadata
   want, have = _leaf_paths(abstract), _leaf_paths(dict(saved).get("params", {}))

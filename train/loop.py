@@ -286,7 +286,7 @@ def train(config, workdir: str) -> dict:
       evaluating = tc.eval_every and step % tc.eval_every == 0 and not done
       saving = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or done
       if done:  # the last step is always logged
-        last, pending = log(step, m), None
+        last = log(step, m)
       elif evaluating or saving:  # count this step's time, then leave the pause out
         jax.block_until_ready(m)
         clock.reached(step)
