@@ -5,7 +5,12 @@ PY := $(VENV)/bin/python
 # A clean environment for pytest's worker processes and the demo: CPU only.
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean style
+
+# Applies the formatter and the linter's fixes (make test checks both).
+style: $(VENV)/.installed-test
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +30,8 @@ demo: $(VENV)/.installed
 	$(PY) -m train.demo
 
 test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -n 2 --dist=loadfile tests
 
 clean:

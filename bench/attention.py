@@ -4,6 +4,7 @@ Times `jax.value_and_grad` of sum(attend(...)**2) over q, k and v for the einsum
 and 8 query blocks and for jax.nn.dot_product_attention's XLA path ('jax'), without dropout and
 with hash-mask dropout. Compile time apart; median of --runs calls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ import jax.numpy as jnp
 from model.attention import attend, make_mask
 
 SHAPES = {  # batch, length, heads, head dim
-    "shakespeare_char_10m": (64, 256, 6, 64),
-    "shakespeare_char": (6, 64, 4, 32),  # one of the baby's two devices
+  "shakespeare_char_10m": (64, 256, 6, 64),
+  "shakespeare_char": (6, 64, 4, 32),  # one of the baby's two devices
 }
 
 
@@ -48,11 +49,14 @@ def main():
   ap.add_argument("--runs", type=int, default=5)
   args = ap.parse_args()
   shape = SHAPES[args.shape]
-  print(f"{args.shape}: batch {shape[0]}, length {shape[1]}, {shape[2]} heads of {shape[3]}; "
-        f"ms per forward+backward, median of {args.runs}")
+  print(
+    f"{args.shape}: batch {shape[0]}, length {shape[1]}, {shape[2]} heads of {shape[3]}; "
+    f"ms per forward+backward, median of {args.runs}"
+  )
   print(f"{'path':<40}{'no dropout':>12}{'dropout 0.2':>13}")
   paths = [("jax.nn.dot_product_attention (jax)", "jax", 1)] + [
-      (f"einsum, {n} query block{'s' if n > 1 else ''}", "xla", n) for n in (1, 2, 4, 8)]
+    (f"einsum, {n} query block{'s' if n > 1 else ''}", "xla", n) for n in (1, 2, 4, 8)
+  ]
   for name, impl, blocks in paths:
     plain = time_path(shape, impl, blocks, 0.0, args.runs)
     # 'jax' has no dropout of its own: with dropout attend takes the einsum path.

@@ -6,6 +6,7 @@ nanoGPT's own get_batch instead (torch.randint offsets seeded 1337 + S). Each ru
 separate process, one at a time. Prints each run's whole-split validation loss and, per implementation, mean, standard
 deviation, median and how many runs reach <= 1.90.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,29 +31,57 @@ def _val_loss(cmd: list[str]) -> float:
 
 def ours(seed: int, steps: int) -> float:
   with tempfile.TemporaryDirectory(prefix="char_seeds_") as workdir:
-    return _val_loss([sys.executable, "-m", "train.main",
-                      "--config=configs/experiments/shakespeare_char.py", f"--workdir={workdir}",
-                      f"--config.train.seed={seed}", f"--config.data.seed={seed}",
-                      f"--config.train.steps={steps}", "--config.train.eval_every=0",
-                      "--config.train.checkpoint_every=0", "--config.train.progress=False"])
+    return _val_loss(
+      [
+        sys.executable,
+        "-m",
+        "train.main",
+        "--config=configs/experiments/shakespeare_char.py",
+        f"--workdir={workdir}",
+        f"--config.train.seed={seed}",
+        f"--config.data.seed={seed}",
+        f"--config.train.steps={steps}",
+        "--config.train.eval_every=0",
+        "--config.train.checkpoint_every=0",
+        "--config.train.progress=False",
+      ]
+    )
 
 
 def peer(seed: int, steps: int) -> float:
-  return _val_loss([sys.executable, "-m", "bench.char_parity", f"--seed={seed}",
-                    f"--data_seed={seed}", f"--steps={steps}"])
+  return _val_loss(
+    [
+      sys.executable,
+      "-m",
+      "bench.char_parity",
+      f"--seed={seed}",
+      f"--data_seed={seed}",
+      f"--steps={steps}",
+    ]
+  )
 
 
 def nanogpt(seed: int, steps: int) -> float:
-  return _val_loss([sys.executable, "-m", "bench.char_parity", f"--seed={seed}",
-                    "--batches=nanogpt", f"--steps={steps}"])
+  return _val_loss(
+    [
+      sys.executable,
+      "-m",
+      "bench.char_parity",
+      f"--seed={seed}",
+      "--batches=nanogpt",
+      f"--steps={steps}",
+    ]
+  )
 
 
 def summarize(name: str, losses: list[float], target: float) -> str:
   sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
   hits = sum(x <= target for x in losses)
-  return (f"{name}: mean {statistics.mean(losses):.4f}, sd {sd:.4f}, median "
-          f"{statistics.median(losses):.4f}, min {min(losses):.4f}, max {max(losses):.4f}, "
-          f"<= {target}: {hits}/{len(losses)}")
+  return (
+    f"{name}: mean {statistics.mean(losses):.4f}, sd {sd:.4f}, median "
+    f"{statistics.median(losses):.4f}, min {min(losses):.4f}, max {max(losses):.4f}, "
+    f"<= {target}: {hits}/{len(losses)}"
+  )
 
 
 def main():
@@ -60,8 +89,12 @@ def main():
   ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
   ap.add_argument("--steps", type=int, default=2000)
   ap.add_argument("--target", type=float, default=1.90)
-  ap.add_argument("--which", choices=("both", "ours", "peer", "nanogpt"), default="both",
-                  help="both = ours and the peer; nanogpt = the peer on nanoGPT's get_batch")
+  ap.add_argument(
+    "--which",
+    choices=("both", "ours", "peer", "nanogpt"),
+    default="both",
+    help="both = ours and the peer; nanogpt = the peer on nanoGPT's get_batch",
+  )
   args = ap.parse_args()
   runs = {"ours": ours, "peer": peer, "nanogpt": nanogpt}
   names = ["ours", "peer"] if args.which == "both" else [args.which]

@@ -1,4 +1,5 @@
 """Training throughput: tokens/s, MFU and peak memory of our step vs a same-shape PyTorch peer."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,25 +32,29 @@ def _model_overrides(pairs: list[str]) -> dict:
   return out
 
 
-def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = None,
-         devices: int = 0, grad_reduce: str = "") -> dict:
+def ours(
+  config_name: str,
+  steps: int,
+  warmup: int,
+  overrides: dict | None = None,
+  devices: int = 0,
+  grad_reduce: str = "",
+) -> dict:
   """Our jitted train step on CPU with batches from the real data pipeline: on the config's
   CPU devices (distributed.local_device_count, data-parallel over all of them), or on
   `devices` of them when given."""
   import importlib
 
   import jax
-
-  from train import distributed
   from flax import nnx
 
   from data import corpus
   from data.pipeline import pretrain_iterator
   from model.config import ModelConfig
   from model.transformer import Transformer
-  from train import losses, metrics, optim, partitioning
+  from train import distributed, losses, metrics, optim, partitioning
   from train import step as steplib
-  from train.loop import section
+  from train.stage import section
 
   config = importlib.import_module(f"configs.experiments.{config_name}").get_config()
   if devices:
@@ -57,23 +62,35 @@ def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = Non
   distributed.initialize(dict(config.distributed, coordinator="off"))
   n_dev = jax.device_count()
   data_cfg = section(corpus.DataConfig, config.data, "data")
-  tok, train_dir, _ = corpus.build(data_cfg, f"/tmp/fromscratch_bench_{config_name}",
-                                   progress=False)
+  tok, train_dir, _ = corpus.build(
+    data_cfg, f"/tmp/fromscratch_bench_{config_name}", progress=False
+  )
   model_cfg = ModelConfig(**{**config.model, "vocab_size": tok.vocab_size, **(overrides or {})})
   opt_cfg = optim.OptimConfig(**dict(config.opt, total_steps=config.train.steps))
   layout = partitioning.load_layout("dp", {"data": n_dev})
   mesh = partitioning.make_mesh(layout, jax.devices())
   grad_reduce = "xla" if n_dev == 1 else (grad_reduce or config.mesh.grad_reduce)
   graphdef, state, shardings, optimizer = steplib.init_sharded(
-      lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, layout.rules, 0,
-      grad_reduce)
-  it = pretrain_iterator(train_dir, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
-                         seed=0)
-  bsh = {k: partitioning.batch_sharding(mesh, layout.rules) for k in
-         ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-  step = steplib.jit_train_step(shardings, bsh, graphdef=graphdef, loss_fn=losses.lm_loss,
-                                optimizer=optimizer, lr_schedule=optim.schedule(opt_cfg),
-                                mesh=mesh, rules=layout.rules, grad_reduce=grad_reduce)
+    lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, layout.rules, 0, grad_reduce
+  )
+  it = pretrain_iterator(
+    train_dir, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size, seed=0
+  )
+  bsh = {
+    k: partitioning.batch_sharding(mesh, layout.rules)
+    for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+  }
+  step = steplib.jit_train_step(
+    shardings,
+    bsh,
+    graphdef=graphdef,
+    loss_fn=losses.lm_loss,
+    optimizer=optimizer,
+    lr_schedule=optim.schedule(opt_cfg),
+    mesh=mesh,
+    rules=layout.rules,
+    grad_reduce=grad_reduce,
+  )
   batches = [partitioning.shard_batch(next(it), mesh, layout.rules) for _ in range(8)]
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0]).compile()
@@ -91,14 +108,23 @@ def ours(config_name: str, steps: int, warmup: int, overrides: dict | None = Non
   step_s = statistics.median(times)
   peak = metrics.measure_peak_flops()
   flops = metrics.flops_per_token(model_cfg, n_params, data_cfg.seq_len)
-  variant = (f"remat {model_cfg.remat}{', scan' if model_cfg.scan_layers else ''}"
-             f"{f', dp over {n_dev} devices, grad_reduce {grad_reduce}' if n_dev > 1 else ''}")
-  return {"impl": f"fromscratch ({variant})", "config": config_name, "params": n_params,
-          "compile_s": compile_s, "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
-          "mfu": tokens / step_s * flops / peak, "peak_flops": peak,
-          "xla_temp_mib": (mem.temp_size_in_bytes / 2**20) if mem else float("nan"),
-          "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-          "loss": loss}
+  variant = (
+    f"remat {model_cfg.remat}{', scan' if model_cfg.scan_layers else ''}"
+    f"{f', dp over {n_dev} devices, grad_reduce {grad_reduce}' if n_dev > 1 else ''}"
+  )
+  return {
+    "impl": f"fromscratch ({variant})",
+    "config": config_name,
+    "params": n_params,
+    "compile_s": compile_s,
+    "step_ms": 1e3 * step_s,
+    "tokens_per_s": tokens / step_s,
+    "mfu": tokens / step_s * flops / peak,
+    "peak_flops": peak,
+    "xla_temp_mib": (mem.temp_size_in_bytes / 2**20) if mem else float("nan"),
+    "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "loss": loss,
+  }
 
 
 def peer_model(model_cfg, vocab: int = 65, seed: int = 0):
@@ -109,6 +135,7 @@ def peer_model(model_cfg, vocab: int = 65, seed: int = 0):
   import torch.nn.functional as F
 
   m = model_cfg
+
   class Block(nn.Module):
     def __init__(self):
       super().__init__()
@@ -124,8 +151,9 @@ def peer_model(model_cfg, vocab: int = 65, seed: int = 0):
       b, t, _ = x.shape
       q, k, v = self.qkv(self.ln1(x)).split(m.d_model, dim=2)
       q, k, v = (z.view(b, t, m.n_heads, -1).transpose(1, 2) for z in (q, k, v))
-      y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                         dropout_p=m.attention_dropout if self.training else 0.0)
+      y = F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, dropout_p=m.attention_dropout if self.training else 0.0
+      )
       x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, m.d_model)))
       return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
 
@@ -158,7 +186,6 @@ def peer_model(model_cfg, vocab: int = 65, seed: int = 0):
   return model
 
 
-
 def peer(config_name: str, steps: int, warmup: int, compile_: bool) -> dict:
   """The peer model (see peer_model) trained with torch.optim.AdamW, eager or compiled."""
   import importlib
@@ -169,8 +196,9 @@ def peer(config_name: str, steps: int, warmup: int, compile_: bool) -> dict:
   m, d = c.model, c.data
   vocab = 65
   model = peer_model(m, vocab)
-  opt = torch.optim.AdamW(model.parameters(), lr=c.opt.lr, betas=(c.opt.b1, c.opt.b2),
-                          weight_decay=c.opt.weight_decay)
+  opt = torch.optim.AdamW(
+    model.parameters(), lr=c.opt.lr, betas=(c.opt.b1, c.opt.b2), weight_decay=c.opt.weight_decay
+  )
   fwd = torch.compile(model) if compile_ else model
   gen = torch.Generator().manual_seed(0)
   xs = torch.randint(0, vocab, (8, d.batch_size, d.seq_len + 1), generator=gen)
@@ -189,13 +217,18 @@ def peer(config_name: str, steps: int, warmup: int, compile_: bool) -> dict:
     if i >= warmup:
       times.append(elapsed)
   step_s = statistics.median(times)
-  return {"impl": f"pytorch peer ({'torch.compile' if compile_ else 'eager'})",
-          "config": config_name, "params": sum(p.numel() for p in model.parameters()),
-          "compile_s": compile_s if compile_ else 0.0, "step_ms": 1e3 * step_s,
-          "tokens_per_s": d.batch_size * d.seq_len / step_s, "mfu": float("nan"),
-          "xla_temp_mib": float("nan"),
-          "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-          "loss": float(loss)}
+  return {
+    "impl": f"pytorch peer ({'torch.compile' if compile_ else 'eager'})",
+    "config": config_name,
+    "params": sum(p.numel() for p in model.parameters()),
+    "compile_s": compile_s if compile_ else 0.0,
+    "step_ms": 1e3 * step_s,
+    "tokens_per_s": d.batch_size * d.seq_len / step_s,
+    "mfu": float("nan"),
+    "xla_temp_mib": float("nan"),
+    "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "loss": float(loss),
+  }
 
 
 def main():
@@ -204,36 +237,79 @@ def main():
   ap.add_argument("--steps", type=int, default=30)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--impl", default="all", choices=("all", "ours", "eager", "compile"))
-  ap.add_argument("--devices", type=int, default=0,
-                  help="CPU devices for ours (data-parallel); 0: the config's")
-  ap.add_argument("--grad-reduce", default="", choices=("", "xla", "flat"),
-                  help="ours: mesh.grad_reduce; '': the config's")
-  ap.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
-                  help="override a model field for ours, e.g. --model remat=full (repeatable)")
+  ap.add_argument(
+    "--devices", type=int, default=0, help="CPU devices for ours (data-parallel); 0: the config's"
+  )
+  ap.add_argument(
+    "--grad-reduce",
+    default="",
+    choices=("", "xla", "flat"),
+    help="ours: mesh.grad_reduce; '': the config's",
+  )
+  ap.add_argument(
+    "--model",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="override a model field for ours, e.g. --model remat=full (repeatable)",
+  )
   args = ap.parse_args()
   if args.impl == "all":  # each in its own process, so peak memory is each one's own
     rows = []
     for impl in ("ours", "eager", "compile"):
-      out = subprocess.run([sys.executable, "-m", "bench.train", "--config", args.config,
-                            "--steps", str(args.steps), "--warmup", str(args.warmup),
-                            "--impl", impl, "--devices", str(args.devices),
-                            "--grad-reduce", args.grad_reduce,
-                            *[f"--model={m}" for m in args.model]],
-                           capture_output=True, text=True, check=True,
-                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      out = subprocess.run(
+        [
+          sys.executable,
+          "-m",
+          "bench.train",
+          "--config",
+          args.config,
+          "--steps",
+          str(args.steps),
+          "--warmup",
+          str(args.warmup),
+          "--impl",
+          impl,
+          "--devices",
+          str(args.devices),
+          "--grad-reduce",
+          args.grad_reduce,
+          *[f"--model={m}" for m in args.model],
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      )
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'impl':<28}{'params':>10}{'compile s':>11}{'ms/step':>10}{'tokens/s':>11}"
-          f"{'MFU':>8}{'max RSS MiB':>13}")
+    print(
+      f"{'impl':<28}{'params':>10}{'compile s':>11}{'ms/step':>10}{'tokens/s':>11}"
+      f"{'MFU':>8}{'max RSS MiB':>13}"
+    )
     for r in rows:
-      print(f"{r['impl']:<28}{r['params']:>10}{r['compile_s']:>11.2f}{r['step_ms']:>10.1f}"
-            f"{r['tokens_per_s']:>11.0f}{r['mfu']:>8.1%}{r['max_rss_mib']:>13.0f}")
+      print(
+        f"{r['impl']:<28}{r['params']:>10}{r['compile_s']:>11.2f}{r['step_ms']:>10.1f}"
+        f"{r['tokens_per_s']:>11.0f}{r['mfu']:>8.1%}{r['max_rss_mib']:>13.0f}"
+      )
     for r in rows[1:]:
-      print(f"ours / {r['impl']}: tokens/s x{rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}, "
-            f"peak memory x{rows[0]['max_rss_mib'] / r['max_rss_mib']:.2f}")
+      print(
+        f"ours / {r['impl']}: tokens/s x{rows[0]['tokens_per_s'] / r['tokens_per_s']:.2f}, "
+        f"peak memory x{rows[0]['max_rss_mib'] / r['max_rss_mib']:.2f}"
+      )
     return
   if args.impl == "ours":
-    print(json.dumps(ours(args.config, args.steps, args.warmup, _model_overrides(args.model),
-                          args.devices, args.grad_reduce)))
+    print(
+      json.dumps(
+        ours(
+          args.config,
+          args.steps,
+          args.warmup,
+          _model_overrides(args.model),
+          args.devices,
+          args.grad_reduce,
+        )
+      )
+    )
   else:
     print(json.dumps(peer(args.config, args.steps, args.warmup, args.impl == "compile")))
 

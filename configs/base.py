@@ -1,4 +1,5 @@
 """Defaults for every run. Experiments start from get_config() and change what differs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,8 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  # The stage to train: a module with build(config, workdir), e.g. train.pretrain, train.sft.
+  c.stage = "train.pretrain"
   c.model = model_config("tiny", vocab_size=0)  # model/config.py documents each field
 
   c.data = ml_collections.ConfigDict()
@@ -72,6 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.sample_top_k = 0  # evaluation sampling top-k (0: off)
   c.train.tensorboard = True  # write TensorBoard scalars under workdir/tensorboard
   c.train.progress = True  # show a progress bar
+  # Start from weights: one of our workdirs (its latest checkpoint) or a Hugging Face folder
+  # (config.json + safetensors). The model's architecture then comes from the weights, and
+  # config.model may set only how it runs (dropout, dtype, remat, ...). "": random init.
+  c.train.init_from = ""
+  c.train.init_step = 0  # the workdir's checkpoint step to start from; 0: its latest
+  c.train.init_state = ""  # which of the checkpoint's models ("" : its language model)
 
   c.distributed = ml_collections.ConfigDict()  # docs/multihost.md; read by train/distributed.py
   c.distributed.coordinator = ""  # process 0's host:port; "": the launcher's env if any; "off": one

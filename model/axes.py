@@ -9,11 +9,12 @@ Model code names axes only logically. Which mesh axis a logical axis maps to is 
 rules installed from outside (train/partitioning.py) with `axis_rules`; without rules every
 constraint is a no-op, so the model runs unchanged on one device.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -36,13 +37,11 @@ ACT_HEADS = "activation_heads"
 ACT_KV_HEADS = "activation_kv_heads"
 ACT_MLP = "activation_mlp"
 ACT_VOCAB = "activation_vocab"
-ACTIVATION_AXES = (ACT_BATCH, ACT_LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP,
-                   ACT_VOCAB)
+ACTIVATION_AXES = (ACT_BATCH, ACT_LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB)
 
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
-_RULES: contextvars.ContextVar = contextvars.ContextVar("fromscratch_axis_rules",
-                                                         default=None)
+_RULES: contextvars.ContextVar = contextvars.ContextVar("fromscratch_axis_rules", default=None)
 
 
 @contextlib.contextmanager
@@ -78,7 +77,8 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return x
   mesh, rules = active
   if len(logical) != x.ndim:
-    raise ValueError(f"constrain got {len(logical)} axis names {tuple(logical)} for an array "
-                     f"of rank {x.ndim}")
+    raise ValueError(
+      f"constrain got {len(logical)} axis names {tuple(logical)} for an array of rank {x.ndim}"
+    )
   spec = logical_to_spec(logical, rules)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

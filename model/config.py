@@ -1,4 +1,5 @@
 """Model configuration: a frozen dataclass, its validation, and presets."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,44 +55,61 @@ class ModelConfig:
   # compiled branch per length); 0 attends over every slot
 
   def __post_init__(self):
-    positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-                "max_seq_len")
+    positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
     for name in positive:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
     if self.d_model % self.n_heads:
-      raise ValueError(f"ModelConfig.d_model ({self.d_model}) must be divisible by "
-                       f"n_heads ({self.n_heads})")
+      raise ValueError(
+        f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+      )
     if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be divisible by "
-                       f"n_kv_heads ({self.n_kv_heads})")
-    choices = {"norm": NORMS, "position": POSITIONS, "mlp": MLPS, "remat": REMATS,
-               "attention_impl": ATTENTION_IMPLS, "dropout_prng": DROPOUT_PRNGS, "dtype": DTYPES,
-               "param_dtype": DTYPES}
+      raise ValueError(
+        f"ModelConfig.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
+      )
+    choices = {
+      "norm": NORMS,
+      "position": POSITIONS,
+      "mlp": MLPS,
+      "remat": REMATS,
+      "attention_impl": ATTENTION_IMPLS,
+      "dropout_prng": DROPOUT_PRNGS,
+      "dtype": DTYPES,
+      "param_dtype": DTYPES,
+    }
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
-        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is unknown; "
-                         f"choose one of {', '.join(allowed)}")
+        raise ValueError(
+          f"ModelConfig.{name}={getattr(self, name)!r} is unknown; "
+          f"choose one of {', '.join(allowed)}"
+        )
     if self.position == "rope" and self.head_dim % 2:
-      raise ValueError(f"ModelConfig.position='rope' needs an even head_dim, got "
-                       f"{self.head_dim} (d_model / n_heads)")
+      raise ValueError(
+        f"ModelConfig.position='rope' needs an even head_dim, got "
+        f"{self.head_dim} (d_model / n_heads)"
+      )
     for name in ("dropout", "attention_dropout"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
     if self.attention_dropout and self.attention_impl == "cudnn":
-      raise ValueError("ModelConfig.attention_dropout > 0 needs attention_impl 'xla' or "
-                       "'jax': the cuDNN path of jax.nn.dot_product_attention has no "
-                       "dropout")
+      raise ValueError(
+        "ModelConfig.attention_dropout > 0 needs attention_impl 'xla' or "
+        "'jax': the cuDNN path of jax.nn.dot_product_attention has no "
+        "dropout"
+      )
     if self.norm_eps <= 0:
       raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
     if self.rope_theta <= 0:
       raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
     if not isinstance(self.attention_query_blocks, int) or self.attention_query_blocks < 1:
-      raise ValueError(f"ModelConfig.attention_query_blocks must be an int >= 1, got "
-                       f"{self.attention_query_blocks!r}")
-    if not isinstance(self.kv_bucket, int) or isinstance(self.kv_bucket, bool) or \
-        self.kv_bucket < 0:
+      raise ValueError(
+        f"ModelConfig.attention_query_blocks must be an int >= 1, got "
+        f"{self.attention_query_blocks!r}"
+      )
+    if (
+      not isinstance(self.kv_bucket, int) or isinstance(self.kv_bucket, bool) or self.kv_bucket < 0
+    ):
       raise ValueError(f"ModelConfig.kv_bucket must be an int >= 0, got {self.kv_bucket!r}")
     if self.init_std <= 0:
       raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std}")
@@ -108,29 +126,67 @@ class ModelConfig:
   def weight_dtype(self):
     return jnp.dtype(self.param_dtype)
 
-  def replace(self, **changes) -> "ModelConfig":
+  def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)
 
 
 PRESETS = {
-    # Tiny LLaMA-style model for unit tests: GQA, RoPE, SwiGLU, RMSNorm.
-    "tiny": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                        d_ff=128, max_seq_len=64),
-    # Tiny GPT-2-style model for unit tests.
-    "tiny_gpt2": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
-                             d_ff=256, max_seq_len=64, norm="layernorm", position="learned",
-                             mlp="gelu", use_bias=True, tie_embeddings=True),
-    # GPT-2 small (124M).
-    "gpt2_124m": ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
-                             n_kv_heads=12, d_ff=3072, max_seq_len=1024, norm="layernorm",
-                             position="learned", mlp="gelu", use_bias=True,
-                             tie_embeddings=True),
-    # LLaMA-style ~1.1B (the TinyLlama shape): GQA 32/4, untied.
-    "llama_1b": ModelConfig(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32,
-                            n_kv_heads=4, d_ff=5632, max_seq_len=2048, norm_eps=1e-5),
-    # LLaMA-2 7B shape.
-    "llama_7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
-                            n_kv_heads=32, d_ff=11008, max_seq_len=4096, norm_eps=1e-5),
+  # Tiny LLaMA-style model for unit tests: GQA, RoPE, SwiGLU, RMSNorm.
+  "tiny": ModelConfig(
+    vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64
+  ),
+  # Tiny GPT-2-style model for unit tests.
+  "tiny_gpt2": ModelConfig(
+    vocab_size=256,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=4,
+    d_ff=256,
+    max_seq_len=64,
+    norm="layernorm",
+    position="learned",
+    mlp="gelu",
+    use_bias=True,
+    tie_embeddings=True,
+  ),
+  # GPT-2 small (124M).
+  "gpt2_124m": ModelConfig(
+    vocab_size=50257,
+    d_model=768,
+    n_layers=12,
+    n_heads=12,
+    n_kv_heads=12,
+    d_ff=3072,
+    max_seq_len=1024,
+    norm="layernorm",
+    position="learned",
+    mlp="gelu",
+    use_bias=True,
+    tie_embeddings=True,
+  ),
+  # LLaMA-style ~1.1B (the TinyLlama shape): GQA 32/4, untied.
+  "llama_1b": ModelConfig(
+    vocab_size=32000,
+    d_model=2048,
+    n_layers=22,
+    n_heads=32,
+    n_kv_heads=4,
+    d_ff=5632,
+    max_seq_len=2048,
+    norm_eps=1e-5,
+  ),
+  # LLaMA-2 7B shape.
+  "llama_7b": ModelConfig(
+    vocab_size=32000,
+    d_model=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=32,
+    d_ff=11008,
+    max_seq_len=4096,
+    norm_eps=1e-5,
+  ),
 }
 
 

@@ -1,8 +1,8 @@
 """Hugging Face GPT-2 / LLaMA safetensors checkpoints to and from our Transformer params."""
+
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -15,8 +15,17 @@ import numpy as np
 from flax import nnx
 
 from model.config import ModelConfig
-from model.hf_files import (MANIFEST, PARAMS_FILE, ConversionError, flatten, load_ours, nest,
-                            read_hf, save_ours, write_hf)
+from model.hf_files import (
+  MANIFEST,
+  PARAMS_FILE,
+  ConversionError,
+  flatten,
+  load_ours,
+  nest,
+  read_hf,
+  save_ours,
+  write_hf,
+)
 from model.transformer import Transformer
 
 # HF architecture -> our family name; the family decides the tensor layout below.
@@ -39,12 +48,15 @@ def _unsupported(arch: str, field: str, value, why: str) -> ConversionError:
 
 
 def _architecture(hf_config: dict) -> str:
-  archs = hf_config.get("architectures") or [_MODEL_TYPES.get(hf_config.get("model_type"),
-                                                              hf_config.get("model_type"))]
+  archs = hf_config.get("architectures") or [
+    _MODEL_TYPES.get(hf_config.get("model_type"), hf_config.get("model_type"))
+  ]
   if len(archs) != 1 or archs[0] not in ARCHITECTURES:
-    raise ConversionError(f"unsupported architecture {archs} (model_type="
-                          f"{hf_config.get('model_type')!r}); supported: "
-                          f"{', '.join(ARCHITECTURES)}")
+    raise ConversionError(
+      f"unsupported architecture {archs} (model_type="
+      f"{hf_config.get('model_type')!r}); supported: "
+      f"{', '.join(ARCHITECTURES)}"
+    )
   return archs[0]
 
 
@@ -55,27 +67,47 @@ def hf_config_to_model(hf_config: dict, **overrides) -> ModelConfig:
   if ARCHITECTURES[arch] == "gpt2":
     act = c.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-      raise _unsupported(arch, "activation_function", act,
-                         "our GELU MLP is the tanh approximation (gelu_new, gelu_pytorch_tanh)")
-    for name, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                     ("add_cross_attention", False)):
+      raise _unsupported(
+        arch,
+        "activation_function",
+        act,
+        "our GELU MLP is the tanh approximation (gelu_new, gelu_pytorch_tanh)",
+      )
+    for name, ok in (
+      ("scale_attn_weights", True),
+      ("scale_attn_by_inverse_layer_idx", False),
+      ("add_cross_attention", False),
+    ):
       if c.get(name, ok) != ok:
         raise _unsupported(arch, name, c[name], f"only {name}={ok} is implemented")
     d = _field(c, "n_embd")
-    fields = dict(vocab_size=_field(c, "vocab_size"), d_model=d, n_layers=_field(c, "n_layer"),
-                  n_heads=_field(c, "n_head"), n_kv_heads=_field(c, "n_head"),
-                  d_ff=_field(c, "n_inner", 4 * d), max_seq_len=_field(c, "n_positions"),
-                  norm="layernorm", norm_eps=_field(c, "layer_norm_epsilon", 1e-5),
-                  position="learned", mlp="gelu", use_bias=True,
-                  tie_embeddings=_field(c, "tie_word_embeddings", True))
+    fields = dict(
+      vocab_size=_field(c, "vocab_size"),
+      d_model=d,
+      n_layers=_field(c, "n_layer"),
+      n_heads=_field(c, "n_head"),
+      n_kv_heads=_field(c, "n_head"),
+      d_ff=_field(c, "n_inner", 4 * d),
+      max_seq_len=_field(c, "n_positions"),
+      norm="layernorm",
+      norm_eps=_field(c, "layer_norm_epsilon", 1e-5),
+      position="learned",
+      mlp="gelu",
+      use_bias=True,
+      tie_embeddings=_field(c, "tie_word_embeddings", True),
+    )
   else:
     act = c.get("hidden_act", "silu")
     if act != "silu":
       raise _unsupported(arch, "hidden_act", act, "our SwiGLU MLP uses silu")
     attn_bias, mlp_bias = c.get("attention_bias", False), c.get("mlp_bias", False)
     if attn_bias != mlp_bias:
-      raise _unsupported(arch, "attention_bias", attn_bias,
-                         f"our use_bias covers attention and MLP together (mlp_bias={mlp_bias})")
+      raise _unsupported(
+        arch,
+        "attention_bias",
+        attn_bias,
+        f"our use_bias covers attention and MLP together (mlp_bias={mlp_bias})",
+      )
     rope = c.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
       raise _unsupported(arch, "rope_parameters", rope, "only plain RoPE (rope_type='default')")
@@ -84,17 +116,28 @@ def hf_config_to_model(hf_config: dict, **overrides) -> ModelConfig:
       raise _unsupported(arch, "rope_scaling", scaling, "only plain RoPE (no scaling)")
     d, h = _field(c, "hidden_size"), _field(c, "num_attention_heads")
     if c.get("head_dim") not in (None, d // h):
-      raise _unsupported(arch, "head_dim", c["head_dim"], f"head_dim must be hidden_size / "
-                         f"num_attention_heads = {d // h}")
-    fields = dict(vocab_size=_field(c, "vocab_size"), d_model=d,
-                  n_layers=_field(c, "num_hidden_layers"), n_heads=h,
-                  n_kv_heads=_field(c, "num_key_value_heads", h),
-                  d_ff=_field(c, "intermediate_size"),
-                  max_seq_len=_field(c, "max_position_embeddings"), norm="rmsnorm",
-                  norm_eps=_field(c, "rms_norm_eps", 1e-6), position="rope",
-                  rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-                  mlp="swiglu", use_bias=bool(attn_bias),
-                  tie_embeddings=_field(c, "tie_word_embeddings", False))
+      raise _unsupported(
+        arch,
+        "head_dim",
+        c["head_dim"],
+        f"head_dim must be hidden_size / num_attention_heads = {d // h}",
+      )
+    fields = dict(
+      vocab_size=_field(c, "vocab_size"),
+      d_model=d,
+      n_layers=_field(c, "num_hidden_layers"),
+      n_heads=h,
+      n_kv_heads=_field(c, "num_key_value_heads", h),
+      d_ff=_field(c, "intermediate_size"),
+      max_seq_len=_field(c, "max_position_embeddings"),
+      norm="rmsnorm",
+      norm_eps=_field(c, "rms_norm_eps", 1e-6),
+      position="rope",
+      rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+      mlp="swiglu",
+      use_bias=bool(attn_bias),
+      tie_embeddings=_field(c, "tie_word_embeddings", False),
+    )
   return ModelConfig(**{**fields, "dropout": 0.0, "attention_dropout": 0.0, **overrides})
 
 
@@ -102,43 +145,72 @@ def _family(cfg: ModelConfig) -> str:
   """The HF architecture family that computes exactly what `cfg` computes."""
   if (cfg.norm, cfg.position, cfg.mlp, cfg.use_bias) == ("layernorm", "learned", "gelu", True):
     if cfg.n_kv_heads != cfg.n_heads:
-      raise ConversionError(f"GPT2LMHeadModel has no grouped-query attention: n_kv_heads="
-                            f"{cfg.n_kv_heads} must equal n_heads={cfg.n_heads}")
+      raise ConversionError(
+        f"GPT2LMHeadModel has no grouped-query attention: n_kv_heads="
+        f"{cfg.n_kv_heads} must equal n_heads={cfg.n_heads}"
+      )
     return "gpt2"
   if (cfg.norm, cfg.position, cfg.mlp) == ("rmsnorm", "rope", "swiglu"):
     return "llama"
   raise ConversionError(
-      f"no Hugging Face architecture matches norm={cfg.norm!r}, position={cfg.position!r}, "
-      f"mlp={cfg.mlp!r}, use_bias={cfg.use_bias}; supported: GPT2LMHeadModel (layernorm, "
-      f"learned, gelu, use_bias=True) and LlamaForCausalLM (rmsnorm, rope, swiglu)")
+    f"no Hugging Face architecture matches norm={cfg.norm!r}, position={cfg.position!r}, "
+    f"mlp={cfg.mlp!r}, use_bias={cfg.use_bias}; supported: GPT2LMHeadModel (layernorm, "
+    f"learned, gelu, use_bias=True) and LlamaForCausalLM (rmsnorm, rope, swiglu)"
+  )
 
 
 def model_to_hf_config(cfg: ModelConfig) -> dict:
   """The HF config.json dict of the architecture equivalent to `cfg`."""
   family = _family(cfg)
-  common = {"architectures": [_MODEL_TYPES[family]], "model_type": family,
-            "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-            "dtype": cfg.param_dtype, "bos_token_id": None, "eos_token_id": None,
-            "pad_token_id": None}
+  common = {
+    "architectures": [_MODEL_TYPES[family]],
+    "model_type": family,
+    "vocab_size": cfg.vocab_size,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "dtype": cfg.param_dtype,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+  }
   if family == "gpt2":
-    return {**common, "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
-            "n_inner": cfg.d_ff, "n_positions": cfg.max_seq_len, "activation_function":
-            "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout,
-            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.attention_dropout}
+    return {
+      **common,
+      "n_embd": cfg.d_model,
+      "n_layer": cfg.n_layers,
+      "n_head": cfg.n_heads,
+      "n_inner": cfg.d_ff,
+      "n_positions": cfg.max_seq_len,
+      "activation_function": "gelu_new",
+      "layer_norm_epsilon": cfg.norm_eps,
+      "resid_pdrop": cfg.dropout,
+      "embd_pdrop": cfg.dropout,
+      "attn_pdrop": cfg.attention_dropout,
+    }
   # rope_theta is written at the top level too, for transformers releases before 5.
-  return {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
-          "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-          "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-          "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-          "rope_theta": cfg.rope_theta, "attention_bias": cfg.use_bias,
-          "mlp_bias": cfg.use_bias, "attention_dropout": cfg.attention_dropout}
+  return {
+    **common,
+    "hidden_size": cfg.d_model,
+    "intermediate_size": cfg.d_ff,
+    "num_hidden_layers": cfg.n_layers,
+    "num_attention_heads": cfg.n_heads,
+    "num_key_value_heads": cfg.n_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": cfg.max_seq_len,
+    "rms_norm_eps": cfg.norm_eps,
+    "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+    "rope_theta": cfg.rope_theta,
+    "attention_bias": cfg.use_bias,
+    "mlp_bias": cfg.use_bias,
+    "attention_dropout": cfg.attention_dropout,
+  }
 
 
 class _Entry(NamedTuple):
   """One HF tensor and the unscanned param path(s) it holds. Several paths split the HF
   tensor's last axis evenly (GPT-2's fused c_attn); `transposed` marks torch Linear weights,
   stored (out, in) where our kernels are (in, out)."""
+
   hf_key: str
   hf_shape: tuple
   paths: tuple
@@ -148,8 +220,14 @@ class _Entry(NamedTuple):
 
 def _spec(cfg: ModelConfig, prefix: str = "transformer.") -> list[_Entry]:
   """Every HF tensor of `cfg`'s architecture, in the order HF writes them."""
-  d, h, g, k, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
-                      cfg.vocab_size)
+  d, h, g, k, f, v = (
+    cfg.d_model,
+    cfg.n_heads,
+    cfg.n_kv_heads,
+    cfg.head_dim,
+    cfg.d_ff,
+    cfg.vocab_size,
+  )
   out, family = [], _family(cfg)
 
   def add(key, hf_shape, paths, our_shape, transposed=False):
@@ -163,8 +241,13 @@ def _spec(cfg: ModelConfig, prefix: str = "transformer.") -> list[_Entry]:
   def dense(key, in_shape, out_shape, path, n_split=1, transposed=True, bias=cfg.use_bias):
     i, o = math.prod(in_shape), math.prod(out_shape) * n_split
     paths = [path + (name,) for name in "qkv"] if n_split > 1 else [path]
-    add(f"{key}.weight", (o, i) if transposed else (i, o), [p + ("kernel",) for p in paths],
-        tuple(in_shape) + tuple(out_shape), transposed)
+    add(
+      f"{key}.weight",
+      (o, i) if transposed else (i, o),
+      [p + ("kernel",) for p in paths],
+      tuple(in_shape) + tuple(out_shape),
+      transposed,
+    )
     if bias:
       add(f"{key}.bias", (o,), [p + ("bias",) for p in paths], out_shape)
 
@@ -213,16 +296,18 @@ def _scan(flat: dict[tuple, np.ndarray], n_layers: int) -> dict[tuple, np.ndarra
   return out
 
 
-def hf_to_params(hf_config: dict, tensors: dict[str, np.ndarray], *, scan_layers: bool = False,
-                 **overrides) -> tuple[ModelConfig, dict]:
+def hf_to_params(
+  hf_config: dict, tensors: dict[str, np.ndarray], *, scan_layers: bool = False, **overrides
+) -> tuple[ModelConfig, dict]:
   """HF config + tensors -> (ModelConfig, numpy params shaped like nnx.to_pure_dict(state)).
 
   Every tensor is checked (missing, shape, unexpected); all problems come in one error."""
   cfg = hf_config_to_model(hf_config, scan_layers=scan_layers, **overrides)
   arch = _architecture(hf_config)
   # The original GPT-2 release stores keys without the 'transformer.' prefix.
-  prefix = "" if "wte.weight" in tensors and "transformer.wte.weight" not in tensors else \
-      "transformer."
+  prefix = (
+    "" if "wte.weight" in tensors and "transformer.wte.weight" not in tensors else "transformer."
+  )
   flat, problems, used = {}, [], set()
   for e in _spec(cfg, prefix):
     if e.hf_key not in tensors:
@@ -234,17 +319,21 @@ def hf_to_params(hf_config: dict, tensors: dict[str, np.ndarray], *, scan_layers
       problems.append(f"tensor {e.hf_key!r} has shape {w.shape}, expected {e.hf_shape}")
       continue
     for path, part in zip(e.paths, np.split(w, len(e.paths), axis=-1)):
-      flat[path] = (part.T if e.transposed else part).reshape(e.our_shape).astype(
-          cfg.weight_dtype)
+      flat[path] = (part.T if e.transposed else part).reshape(e.our_shape).astype(cfg.weight_dtype)
   if cfg.tie_embeddings and "lm_head.weight" in tensors:
     # Some exporters write the tied head anyway; accept it only if it really is the embedding.
     used.add("lm_head.weight")
     table = tensors.get(f"{prefix}wte.weight", tensors.get("model.embed_tokens.weight"))
     if table is None or not np.array_equal(tensors["lm_head.weight"], table):
-      problems.append("tensor 'lm_head.weight' differs from the token embedding, but "
-                      "config.json ties them (tie_word_embeddings=true)")
-  problems += [f"unexpected tensor {key!r} with shape {tuple(np.shape(tensors[key]))}"
-               for key in sorted(tensors) if key not in used and not _BUFFERS.search(key)]
+      problems.append(
+        "tensor 'lm_head.weight' differs from the token embedding, but "
+        "config.json ties them (tie_word_embeddings=true)"
+      )
+  problems += [
+    f"unexpected tensor {key!r} with shape {tuple(np.shape(tensors[key]))}"
+    for key in sorted(tensors)
+    if key not in used and not _BUFFERS.search(key)
+  ]
   _fail(f"{arch} checkpoint", problems)
   return cfg, nest(_scan(flat, cfg.n_layers) if scan_layers else flat)
 
@@ -254,22 +343,34 @@ def params_to_hf(cfg: ModelConfig, params: dict) -> tuple[dict, dict[str, np.nda
   hf_config, spec = model_to_hf_config(cfg), _spec(cfg)
   flat = {p: np.asarray(x) for p, x in flatten(params).items()}
   if cfg.scan_layers:  # unstack the leading layer axis, back to blocks/<i>/...
-    flat = {**{p: x for p, x in flat.items() if p[0] != "blocks"},
-            **{p[:1] + (i,) + p[1:]: x[i] for p, x in flat.items() if p[0] == "blocks"
-               for i in range(x.shape[0])}}
+    flat = {
+      **{p: x for p, x in flat.items() if p[0] != "blocks"},
+      **{
+        p[:1] + (i,) + p[1:]: x[i]
+        for p, x in flat.items()
+        if p[0] == "blocks"
+        for i in range(x.shape[0])
+      },
+    }
   shapes = {path: e.our_shape for e in spec for path in e.paths}
   name = lambda p: "/".join(map(str, p))  # noqa: E731
-  problems = [f"missing param {name(p)!r} (expected shape {s})" for p, s in shapes.items()
-              if p not in flat]
-  problems += [f"param {name(p)!r} has shape {flat[p].shape}, expected {s}"
-               for p, s in shapes.items() if p in flat and flat[p].shape != s]
+  problems = [
+    f"missing param {name(p)!r} (expected shape {s})" for p, s in shapes.items() if p not in flat
+  ]
+  problems += [
+    f"param {name(p)!r} has shape {flat[p].shape}, expected {s}"
+    for p, s in shapes.items()
+    if p in flat and flat[p].shape != s
+  ]
   problems += [f"unexpected param {name(p)!r}" for p in flat if p not in shapes]
   _fail(f"params to {hf_config['architectures'][0]}", problems)
   tensors = {}
   for e in spec:
     part_shape = e.hf_shape[:-1] + (e.hf_shape[-1] // len(e.paths),)
-    parts = [flat[p].reshape(part_shape[::-1]).T if e.transposed else flat[p].reshape(part_shape)
-             for p in e.paths]
+    parts = [
+      flat[p].reshape(part_shape[::-1]).T if e.transposed else flat[p].reshape(part_shape)
+      for p in e.paths
+    ]
     tensors[e.hf_key] = np.ascontiguousarray(np.concatenate(parts, axis=-1))
   return hf_config, tensors
 
@@ -306,8 +407,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder to write")
   args = parser.parse_args(argv)
   if args.command == "import":
-    cfg, params = hf_to_params(*read_hf(args.hf_dir), scan_layers=args.scan_layers,
-                               param_dtype=args.param_dtype)
+    cfg, params = hf_to_params(
+      *read_hf(args.hf_dir), scan_layers=args.scan_layers, param_dtype=args.param_dtype
+    )
     # The sentencepiece model is the data package's business: carry the file, do not parse it.
     tok = os.path.join(args.hf_dir, "tokenizer.model")
     save_ours(args.out, cfg, params, tok if os.path.exists(tok) else None)

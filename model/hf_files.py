@@ -1,4 +1,5 @@
 """Checkpoint folders on disk: Hugging Face safetensors (sharded index included) and ours."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,14 @@ def flatten(tree, prefix=()) -> dict[tuple, Any]:
   return {p: x for key, sub in tree.items() for p, x in flatten(sub, prefix + (key,)).items()}
 
 
+def read_config(hf_dir: str) -> dict:
+  """config.json alone: what the model is, without reading a tensor."""
+  path = os.path.join(hf_dir, HF_CONFIG)
+  if not os.path.exists(path):
+    raise ConversionError(f"{path} does not exist: not a Hugging Face checkpoint folder")
+  return _read_json(path)
+
+
 def read_hf(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
   """config.json and every tensor of model.safetensors or of the shards its index names."""
   path, index = os.path.join(hf_dir, HF_CONFIG), os.path.join(hf_dir, HF_INDEX)
@@ -50,8 +59,10 @@ def read_hf(hf_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
   elif os.path.exists(os.path.join(hf_dir, HF_WEIGHTS)):
     files = [HF_WEIGHTS]
   else:
-    raise ConversionError(f"{hf_dir} has neither {HF_WEIGHTS} nor {HF_INDEX} (only safetensors "
-                          "checkpoints are read; re-save others with save_pretrained)")
+    raise ConversionError(
+      f"{hf_dir} has neither {HF_WEIGHTS} nor {HF_INDEX} (only safetensors "
+      "checkpoints are read; re-save others with save_pretrained)"
+    )
   tensors = {}
   for name in files:
     tensors.update(load_file(os.path.join(hf_dir, name)))
@@ -76,8 +87,13 @@ def parse_size(size: int | str) -> int:
   return int(m.group(1)) * 1000 ** " KMG".index(m.group(2) or " ")
 
 
-def write_hf(out_dir: str, hf_config: dict, tensors: dict[str, np.ndarray], *,
-             max_shard_size: int | str = "5GB") -> list[str]:
+def write_hf(
+  out_dir: str,
+  hf_config: dict,
+  tensors: dict[str, np.ndarray],
+  *,
+  max_shard_size: int | str = "5GB",
+) -> list[str]:
   """Writes config.json and the weights, sharded with an index above `max_shard_size`.
 
   Weight files of an earlier export in out_dir are removed first: from_pretrained would read a
@@ -96,39 +112,54 @@ def write_hf(out_dir: str, hf_config: dict, tensors: dict[str, np.ndarray], *,
     shards[-1].append(key)
     size += x.nbytes
   n = len(shards)
-  names = [HF_WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors"
-                                       for i in range(1, n + 1)]
+  names = (
+    [HF_WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+  )
   for name, keys in zip(names, shards):
     # transformers expects the 'format' metadata that torch's save_file writes.
     save_file({k: tensors[k] for k in keys}, os.path.join(out_dir, name), metadata={"format": "pt"})
   if n > 1:
-    _write_json(os.path.join(out_dir, HF_INDEX),
-                {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
-                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}})
+    _write_json(
+      os.path.join(out_dir, HF_INDEX),
+      {
+        "metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
+        "weight_map": {k: name for name, keys in zip(names, shards) for k in keys},
+      },
+    )
   return names
 
 
 def save_ours(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: str | None = None):
   """Writes our checkpoint folder (see MANIFEST); `tokenizer` is a file copied in as is."""
   os.makedirs(out_dir, exist_ok=True)
-  save_file({"/".join(map(str, p)): np.ascontiguousarray(x) for p, x in flatten(params).items()},
-            os.path.join(out_dir, PARAMS_FILE))
+  save_file(
+    {"/".join(map(str, p)): np.ascontiguousarray(x) for p, x in flatten(params).items()},
+    os.path.join(out_dir, PARAMS_FILE),
+  )
   if tokenizer:
     shutil.copyfile(tokenizer, os.path.join(out_dir, os.path.basename(tokenizer)))
-  _write_json(os.path.join(out_dir, MANIFEST), {
-      "format": FORMAT, "model_config": dataclasses.asdict(cfg), "params": PARAMS_FILE,
-      "tokenizer": tokenizer and os.path.basename(tokenizer)})
+  _write_json(
+    os.path.join(out_dir, MANIFEST),
+    {
+      "format": FORMAT,
+      "model_config": dataclasses.asdict(cfg),
+      "params": PARAMS_FILE,
+      "tokenizer": tokenizer and os.path.basename(tokenizer),
+    },
+  )
 
 
 def load_ours(ckpt_dir: str) -> tuple[ModelConfig, dict, str | None]:
   """Reads our checkpoint folder: (ModelConfig, pure params dict, tokenizer path or None)."""
   manifest = _read_json(os.path.join(ckpt_dir, MANIFEST))
   if manifest.get("format") != FORMAT:
-    raise ConversionError(f"{ckpt_dir}/{MANIFEST} has format {manifest.get('format')!r}, "
-                          f"expected {FORMAT!r}")
+    raise ConversionError(
+      f"{ckpt_dir}/{MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}"
+    )
   flat = load_file(os.path.join(ckpt_dir, manifest["params"]))
   # Integer path parts are layer indices (pure dicts key unscanned blocks by int).
-  params = nest({tuple(int(s) if s.isdigit() else s for s in k.split("/")): x
-                  for k, x in flat.items()})
+  params = nest(
+    {tuple(int(s) if s.isdigit() else s for s in k.split("/")): x for k, x in flat.items()}
+  )
   tok = manifest.get("tokenizer")
   return ModelConfig(**manifest["model_config"]), params, tok and os.path.join(ckpt_dir, tok)

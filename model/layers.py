@@ -1,10 +1,11 @@
 """Building blocks: dense layers, embeddings, norms, MLPs and dropout, each with logical axes."""
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +34,12 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 15)
 
 
-def hash_bits(key: jax.Array, shape: Sequence[int], offset: Sequence[int] | None = None,
-              full_shape: Sequence[int] | None = None) -> jax.Array:
+def hash_bits(
+  key: jax.Array,
+  shape: Sequence[int],
+  offset: Sequence[int] | None = None,
+  full_shape: Sequence[int] | None = None,
+) -> jax.Array:
   """Pseudo-random uint32 per element: a keyed hash of the element's index.
 
   With `offset` and `full_shape`, the bits of the block at `offset` of an array of
@@ -53,8 +58,10 @@ def hash_bits(key: jax.Array, shape: Sequence[int], offset: Sequence[int] | None
   offset = (0,) * len(shape) if offset is None else tuple(offset)
   n_outer = max(len(full) - 2, 0)
   if math.prod(full[n_outer:]) > 2**32 or math.prod(full[:n_outer]) > 2**32:
-    raise ValueError(f"hash_bits: shape {full} has more than 2^32 elements in its last two "
-                     "dims or in its leading dims")
+    raise ValueError(
+      f"hash_bits: shape {full} has more than 2^32 elements in its last two "
+      "dims or in its leading dims"
+    )
   k0, k1, k2 = jax.random.bits(key, (3,), jnp.uint32)
 
   def keyed_index(dims, k):
@@ -64,11 +71,15 @@ def hash_bits(key: jax.Array, shape: Sequence[int], offset: Sequence[int] | None
     # the fusion that uses them, and the indices are made in registers.
     dims = tuple(dims)
     iotas, k = jax.lax.optimization_barrier(
-        ([jnp.arange(shape[d], dtype=jnp.uint32) for d in dims], k))
+      ([jnp.arange(shape[d], dtype=jnp.uint32) for d in dims], k)
+    )
     idx = jnp.broadcast_to(k, shape)
     for d, iota in zip(dims, iotas):
-      idx = (idx * jnp.uint32(full[d]) + jax.lax.broadcast_in_dim(iota, shape, (d,))
-             + jnp.asarray(offset[d]).astype(jnp.uint32))
+      idx = (
+        idx * jnp.uint32(full[d])
+        + jax.lax.broadcast_in_dim(iota, shape, (d,))
+        + jnp.asarray(offset[d]).astype(jnp.uint32)
+      )
     return idx
 
   inner = _mix32(keyed_index(range(n_outer, len(shape)), k0))
@@ -76,8 +87,9 @@ def hash_bits(key: jax.Array, shape: Sequence[int], offset: Sequence[int] | None
   return _mix32((inner + outer) ^ k2)
 
 
-_BATCH_SHARD: contextvars.ContextVar = contextvars.ContextVar("fromscratch_batch_shard",
-                                                              default=None)
+_BATCH_SHARD: contextvars.ContextVar = contextvars.ContextVar(
+  "fromscratch_batch_shard", default=None
+)
 
 
 @contextlib.contextmanager
@@ -94,9 +106,14 @@ def batch_shard(index, count: int):
     _BATCH_SHARD.reset(token)
 
 
-def keep_mask(rng: jax.Array, rate: float, shape: Sequence[int], prng: str = "threefry",
-              offset: Sequence[int] | None = None,
-              full_shape: Sequence[int] | None = None) -> jax.Array:
+def keep_mask(
+  rng: jax.Array,
+  rate: float,
+  shape: Sequence[int],
+  prng: str = "threefry",
+  offset: Sequence[int] | None = None,
+  full_shape: Sequence[int] | None = None,
+) -> jax.Array:
   """Dropout's keep mask (True with probability 1 - rate), or its block at `offset` of the mask
   of `full_shape`.
 
@@ -115,9 +132,14 @@ def keep_mask(rng: jax.Array, rate: float, shape: Sequence[int], prng: str = "th
   return jax.lax.dynamic_slice(keep, tuple(offset), tuple(shape))
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None, prng: str = "threefry",
-            offset: Sequence[int] | None = None,
-            full_shape: Sequence[int] | None = None) -> jax.Array:
+def dropout(
+  x: jax.Array,
+  rate: float,
+  rng: jax.Array | None,
+  prng: str = "threefry",
+  offset: Sequence[int] | None = None,
+  full_shape: Sequence[int] | None = None,
+) -> jax.Array:
   """Inverted dropout; identity when rate is 0 or no rng is given (evaluation). With `offset`
   and `full_shape`, x is that block of a larger array and gets that block of its mask."""
   if rng is None or rate == 0.0:
@@ -140,21 +162,36 @@ class Dense(nnx.Module):
   dots are markedly faster that way than as 3-D contractions.
   """
 
-  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
-               in_axes: Sequence[str], out_axes: Sequence[str], cfg: ModelConfig, *,
-               rngs: nnx.Rngs, std: float | None = None, use_bias: bool | None = None):
+  def __init__(
+    self,
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    in_axes: Sequence[str],
+    out_axes: Sequence[str],
+    cfg: ModelConfig,
+    *,
+    rngs: nnx.Rngs,
+    std: float | None = None,
+    use_bias: bool | None = None,
+  ):
     self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
     self.dtype = cfg.compute_dtype
     std = cfg.init_std if std is None else std
-    self.kernel = param(rngs, normal(std), self.in_shape + self.out_shape, cfg.weight_dtype,
-                        tuple(in_axes) + tuple(out_axes))
+    self.kernel = param(
+      rngs,
+      normal(std),
+      self.in_shape + self.out_shape,
+      cfg.weight_dtype,
+      tuple(in_axes) + tuple(out_axes),
+    )
     use_bias = cfg.use_bias if use_bias is None else use_bias
-    self.bias = (param(None, jnp.zeros, self.out_shape, cfg.weight_dtype, out_axes)
-                 if use_bias else None)
+    self.bias = (
+      param(None, jnp.zeros, self.out_shape, cfg.weight_dtype, out_axes) if use_bias else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = len(self.in_shape)
-    lead = x.shape[:x.ndim - n_in]
+    lead = x.shape[: x.ndim - n_in]
     x_MxI = x.reshape(-1, math.prod(self.in_shape)).astype(self.dtype)
     w_IxO = self.kernel[...].reshape(math.prod(self.in_shape), -1).astype(self.dtype)
     y_MxO = x_MxI @ w_IxO
@@ -168,8 +205,13 @@ class Embed(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.dtype = cfg.compute_dtype
-    self.table_VxD = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
-                           cfg.weight_dtype, (axes.VOCAB, axes.EMBED))
+    self.table_VxD = param(
+      rngs,
+      normal(cfg.init_std),
+      (cfg.vocab_size, cfg.d_model),
+      cfg.weight_dtype,
+      (axes.VOCAB, axes.EMBED),
+    )
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     return jnp.take(self.table_VxD[...], tokens_BxL, axis=0).astype(self.dtype)
@@ -187,8 +229,9 @@ class Norm(nnx.Module):
     self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, cfg.compute_dtype
     self.scale = param(None, jnp.ones, (cfg.d_model,), cfg.weight_dtype, (axes.EMBED,))
     use_bias = cfg.norm == "layernorm" and cfg.use_bias
-    self.bias = (param(None, jnp.zeros, (cfg.d_model,), cfg.weight_dtype, (axes.EMBED,))
-                 if use_bias else None)
+    self.bias = (
+      param(None, jnp.zeros, (cfg.d_model,), cfg.weight_dtype, (axes.EMBED,)) if use_bias else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)

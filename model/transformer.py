@@ -1,4 +1,5 @@
 """The decoder: blocks, the stack (optionally scanned and rematerialised), LM and scalar heads."""
+
 from __future__ import annotations
 
 import jax
@@ -11,8 +12,8 @@ from model.config import ModelConfig
 from model.layers import MLP, Dense, Embed, Norm, dropout, normal, param
 
 _REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,  # save nothing: recompute the whole block in the backward pass
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -28,8 +29,9 @@ class Block(nnx.Module):
 
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxT, kv=None, index=None, rng=None):
     rng_attn, rng_mlp, rng_probs = (None,) * 3 if rng is None else jax.random.split(rng, 3)
-    h_BxLxD, new_kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_BxLxT, kv, index,
-                                rng_probs)
+    h_BxLxD, new_kv = self.attn(
+      self.attn_norm(x_BxLxD), positions_BxL, mask_BxLxT, kv, index, rng_probs
+    )
     x_BxLxD = x_BxLxD + dropout(h_BxLxD, self.rate, rng_attn, self.prng)
     x_BxLxD = x_BxLxD + dropout(self.mlp(self.mlp_norm(x_BxLxD)), self.rate, rng_mlp, self.prng)
     return axes.constrain(x_BxLxD, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)), new_kv
@@ -45,8 +47,7 @@ def _block_fn(graphdef, cfg: ModelConfig, positions_BxL, mask_BxLxT, index):
     return apply
   # Outside scan, XLA would merge the recomputation back into the forward pass (CSE) and
   # keep the activations after all; inside scan it cannot, and preventing CSE only costs.
-  return jax.checkpoint(apply, policy=_REMAT_POLICIES[cfg.remat],
-                        prevent_cse=not cfg.scan_layers)
+  return jax.checkpoint(apply, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 class Transformer(nnx.Module):
@@ -56,9 +57,15 @@ class Transformer(nnx.Module):
     self.config = cfg
     self.embed = Embed(cfg, rngs=rngs)
     if cfg.position == "learned":
-      self.pos_embed_SxD = param(rngs, normal(cfg.init_std), (cfg.max_seq_len, cfg.d_model),
-                                 cfg.weight_dtype, (None, axes.EMBED))
+      self.pos_embed_SxD = param(
+        rngs,
+        normal(cfg.init_std),
+        (cfg.max_seq_len, cfg.d_model),
+        cfg.weight_dtype,
+        (None, axes.EMBED),
+      )
     if cfg.scan_layers:
+
       @nnx.split_rngs(splits=cfg.n_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
       def make_blocks(layer_rngs):
@@ -68,16 +75,27 @@ class Transformer(nnx.Module):
     else:
       self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.final_norm = Norm(cfg)
-    self.lm_head = (Dense((cfg.d_model,), (cfg.vocab_size,), (axes.EMBED,), (axes.VOCAB,), cfg,
-                          rngs=rngs, use_bias=False)
-                    if lm_head and not cfg.tie_embeddings else None)
+    self.lm_head = (
+      Dense(
+        (cfg.d_model,),
+        (cfg.vocab_size,),
+        (axes.EMBED,),
+        (axes.VOCAB,),
+        cfg,
+        rngs=rngs,
+        use_bias=False,
+      )
+      if lm_head and not cfg.tie_embeddings
+      else None
+    )
     self.has_lm_head = lm_head
 
   def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
     return KVCache.zeros(self.config, batch, length, dtype)
 
-  def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, cache=None,
-             dropout_rng=None):
+  def hidden(
+    self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, cache=None, dropout_rng=None
+  ):
     """Final-normed hidden states, and the updated cache when one is given."""
     cfg = self.config
     b, l = tokens_BxL.shape
@@ -91,8 +109,9 @@ class Transformer(nnx.Module):
       q_slot_L = kv_slot_T = jnp.arange(l)
     else:
       index = cache.index
-      kv_segment_BxT = jax.lax.dynamic_update_slice(cache.segment_ids_BxT, segment_ids_BxL,
-                                                    (0, index))
+      kv_segment_BxT = jax.lax.dynamic_update_slice(
+        cache.segment_ids_BxT, segment_ids_BxL, (0, index)
+      )
       q_slot_L = index + jnp.arange(l)
       kv_slot_T = jnp.arange(kv_segment_BxT.shape[1])
     mask_BxLxT = make_mask(segment_ids_BxL, kv_segment_BxT, q_slot_L, kv_slot_T)
@@ -100,13 +119,14 @@ class Transformer(nnx.Module):
     x_BxLxD = self.embed(tokens_BxL)
     if cfg.position == "learned":
       x_BxLxD = x_BxLxD + jnp.take(self.pos_embed_SxD[...], positions_BxL, axis=0).astype(
-          x_BxLxD.dtype)
+        x_BxLxD.dtype
+      )
     if dropout_rng is not None and cfg.dropout_prng == "rbg":
       # The same key, re-keyed for XLA's RngBitGenerator: masks cost about 4x less on CPU.
       dropout_rng = jax.random.wrap_key_data(
-          jax.random.bits(dropout_rng, (4,), jnp.uint32), impl="rbg")
-    rng_embed, rng_layers = ((None, None) if dropout_rng is None
-                             else jax.random.split(dropout_rng))
+        jax.random.bits(dropout_rng, (4,), jnp.uint32), impl="rbg"
+      )
+    rng_embed, rng_layers = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     x_BxLxD = dropout(x_BxLxD, cfg.dropout, rng_embed, cfg.dropout_prng)
     x_BxLxD = axes.constrain(x_BxLxD, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     layer_rngs = None if rng_layers is None else jax.random.split(rng_layers, cfg.n_layers)
@@ -121,15 +141,20 @@ class Transformer(nnx.Module):
         layer_state, layer, rng = xs
         return fn(layer_state, x_BxLxD, None if kv is None else (*kv, layer), rng), None
 
-      (x_BxLxD, new_kv), _ = jax.lax.scan(body, (x_BxLxD, kv),
-                                          (state, jnp.arange(cfg.n_layers), layer_rngs))
+      (x_BxLxD, new_kv), _ = jax.lax.scan(
+        body, (x_BxLxD, kv), (state, jnp.arange(cfg.n_layers), layer_rngs)
+      )
     else:
       new_kv = kv
       for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
         fn = _block_fn(graphdef, cfg, positions_BxL, mask_BxLxT, index)
-        x_BxLxD, new_kv = fn(state, x_BxLxD, None if new_kv is None else (*new_kv, i),
-                             None if layer_rngs is None else layer_rngs[i])
+        x_BxLxD, new_kv = fn(
+          state,
+          x_BxLxD,
+          None if new_kv is None else (*new_kv, i),
+          None if layer_rngs is None else layer_rngs[i],
+        )
 
     h_BxLxD = self.final_norm(x_BxLxD)
     new_cache = None
@@ -145,14 +170,11 @@ class Transformer(nnx.Module):
       logits_BxLxV = self.embed.attend(h_BxLxD)
     else:
       logits_BxLxV = self.lm_head(h_BxLxD)
-    logits_BxLxV = axes.constrain(logits_BxLxV, (axes.ACT_BATCH, axes.ACT_LENGTH,
-                                                 axes.ACT_VOCAB))
+    logits_BxLxV = axes.constrain(logits_BxLxV, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
     return logits_BxLxV.astype(jnp.float32)
 
-  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *,
-               dropout_rng=None):
-    h_BxLxD, _ = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL,
-                             dropout_rng=dropout_rng)
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, dropout_rng=None):
+    h_BxLxD, _ = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_rng=dropout_rng)
     return self.logits(h_BxLxD)
 
   def decode(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: KVCache):
@@ -161,20 +183,29 @@ class Transformer(nnx.Module):
     return self.logits(h_BxLxD), cache
 
 
+HEAD_INITS = ("reward", "zero")
+
+
 class ScalarModel(nnx.Module):
   """The trunk with a scalar head: a value per token (value model) or read at the last real
   token with `last_token_values` (reward model)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, head_init: str = "reward"):
+    if head_init not in HEAD_INITS:
+      raise ValueError(f"head_init={head_init!r} is unknown; choose one of {HEAD_INITS}")
     self.config = cfg
     self.trunk = Transformer(cfg, rngs=rngs, lm_head=False)
-    self.head = Dense((cfg.d_model,), (1,), (axes.EMBED,), (None,), cfg, rngs=rngs,
-                      use_bias=True)
+    # A reward head starts at N(0, 1/sqrt(d+1)) (lm-human-preferences); a value head at zero,
+    # so the first advantages are the rewards themselves.
+    std = 1.0 / (cfg.d_model + 1) ** 0.5 if head_init == "reward" else 0.0
+    self.head = Dense(
+      (cfg.d_model,), (1,), (axes.EMBED,), (None,), cfg, rngs=rngs, std=std, use_bias=True
+    )
 
-  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *,
-               dropout_rng=None):
-    h_BxLxD, _ = self.trunk.hidden(tokens_BxL, positions_BxL, segment_ids_BxL,
-                                   dropout_rng=dropout_rng)
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, dropout_rng=None):
+    h_BxLxD, _ = self.trunk.hidden(
+      tokens_BxL, positions_BxL, segment_ids_BxL, dropout_rng=dropout_rng
+    )
     return self.head(h_BxLxD)[..., 0].astype(jnp.float32)
 
 

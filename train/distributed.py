@@ -1,9 +1,11 @@
 """Multi-process runs: jax.distributed from the config or the cluster's environment, and the
 few agreements hosts must reach (who prepares data, which batch rows are whose, when to stop)."""
+
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -55,9 +57,12 @@ def initialize(cfg: Mapping[str, Any] | None) -> str:
   if missing:
     # XLA reads XLA_FLAGS once, when JAX starts its first backend: this must run before that.
     from jax._src import xla_bridge
+
     if xla_bridge.backends_are_initialized():
-      raise ValueError(f"distributed.xla_flags={cfg['xla_flags']!r} came after JAX started "
-                       "its backend, so XLA would ignore it: set it before any JAX computation")
+      raise ValueError(
+        f"distributed.xla_flags={cfg['xla_flags']!r} came after JAX started "
+        "its backend, so XLA would ignore it: set it before any JAX computation"
+      )
     os.environ["XLA_FLAGS"] = " ".join(current + missing)
   if cfg.get("local_device_count", 0):
     # Simulated host devices (CPU only); wins over XLA_FLAGS --xla_force_host_platform_device_count.
@@ -67,21 +72,26 @@ def initialize(cfg: Mapping[str, Any] | None) -> str:
   source = f"distributed.coordinator={coordinator}" if coordinator else launcher()
   if source is None:
     if num_processes > 1 or process_id >= 0:
-      raise ValueError(f"distributed.num_processes={num_processes} / process_id={process_id} "
-                       f"need distributed.coordinator=host:port (process 0's address, reachable "
-                       f"from every host) or a launcher such as srun that JAX detects")
+      raise ValueError(
+        f"distributed.num_processes={num_processes} / process_id={process_id} "
+        f"need distributed.coordinator=host:port (process 0's address, reachable "
+        f"from every host) or a launcher such as srun that JAX detects"
+      )
     return "single process"
   if num_processes and process_id >= num_processes:
     raise ValueError(f"distributed.process_id={process_id} must be in [0, {num_processes})")
   # Cross-process collectives on CPU (a no-op elsewhere); gloo is 0.10's default, made explicit.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
-      coordinator_address=coordinator or None,
-      num_processes=num_processes or None,
-      process_id=process_id if process_id >= 0 else None,
-      initialization_timeout=int(cfg.get("timeout_seconds", 300)))
-  return (f"process {jax.process_index()} of {jax.process_count()} via {source}, "
-          f"{jax.local_device_count()} of {jax.device_count()} devices here")
+    coordinator_address=coordinator or None,
+    num_processes=num_processes or None,
+    process_id=process_id if process_id >= 0 else None,
+    initialization_timeout=int(cfg.get("timeout_seconds", 300)),
+  )
+  return (
+    f"process {jax.process_index()} of {jax.process_count()} via {source}, "
+    f"{jax.local_device_count()} of {jax.device_count()} devices here"
+  )
 
 
 def primary_first(fn: Callable[[], Any]) -> Any:
@@ -114,9 +124,10 @@ def batch_block(sharding: jax.sharding.Sharding, batch_size: int) -> tuple[int, 
   start = min(rows)
   if len(rows) != per or max(rows) + 1 - start != per or start % per:
     raise ValueError(
-        f"this process's devices hold batch rows {sorted(rows)[:4]}... ({len(rows)} of "
-        f"{batch_size}) but each of {n} processes must hold one contiguous block of {per}: shard "
-        f"the batch (the activation_batch rule) over mesh axes that span the processes")
+      f"this process's devices hold batch rows {sorted(rows)[:4]}... ({len(rows)} of "
+      f"{batch_size}) but each of {n} processes must hold one contiguous block of {per}: shard "
+      f"the batch (the activation_batch rule) over mesh axes that span the processes"
+    )
   return start // per, n
 
 

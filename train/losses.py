@@ -1,4 +1,5 @@
 """Losses as (sum, count, metric sums): exact under gradient accumulation and across devices."""
+
 from __future__ import annotations
 
 import jax
@@ -26,6 +27,5 @@ def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL, z_loss: float = 0.0):
 
 def lm_loss(model, batch, rng=None, *, z_loss: float = 0.0):
   """Next-token loss of a language model on a packed batch (pretraining and SFT)."""
-  logits_BxLxV = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                       dropout_rng=rng)
+  logits_BxLxV = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_rng=rng)
   return cross_entropy(logits_BxLxV, batch["targets"], batch["loss_mask"], z_loss)

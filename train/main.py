@@ -1,14 +1,15 @@
 """Command line: python -m train.main --config=configs/experiments/<name>.py --workdir=DIR."""
+
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "experiment config file", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where data, checkpoints and logs go")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -17,9 +18,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   from train import distributed
+
   # Before JAX starts: device counts and jax.distributed must be set up first.
   print("jax.distributed:", distributed.initialize(_CONFIG.value.get("distributed")))
   from train import loop  # after flags: JAX starts here, with XLA_FLAGS already set
+
   summary = loop.train(_CONFIG.value, _WORKDIR.value)
   for key in ("sample_before", "sample_after"):
     if key in summary:

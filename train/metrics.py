@@ -1,4 +1,5 @@
 """Metrics: TensorBoard scalars plus a JSONL log, model FLOPs and MFU, and the loss plot."""
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,7 @@ def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     t0 = time.perf_counter()
     f(a).block_until_ready()
     times.append(time.perf_counter() - t0)
-  return 2.0 * size ** 3 / float(np.median(times))
+  return 2.0 * size**3 / float(np.median(times))
 
 
 class StepClock:
@@ -72,8 +73,9 @@ class StepClock:
     return out
 
 
-def throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_token: float,
-               peak_flops: float) -> dict:
+def throughput(
+  steps: int, seconds: float, tokens_per_step: int, flops_per_token: float, peak_flops: float
+) -> dict:
   """tokens/s and MFU (None when unknown) of `steps` steps taking `seconds`."""
   if steps <= 0 or seconds <= 0:
     return {"tokens_per_s": None, "mfu": None}
@@ -93,6 +95,7 @@ class MetricsWriter:
       self._file = open(self.path, "a", buffering=1)
       if tensorboard:
         from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict, prefix: str = "train"):
@@ -123,6 +126,7 @@ def read_metrics(path: str) -> list[dict]:
 def plot_losses(metrics_path: str, out_png: str) -> str:
   """Training and validation loss against step."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

@@ -1,4 +1,5 @@
 """AdamW with masked weight decay, learning-rate schedules and global-norm clipping."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,16 +30,18 @@ class OptimConfig:
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
-      raise ValueError(f"opt.schedule={self.schedule!r} is unknown; choose one of "
-                       f"{', '.join(SCHEDULES)}")
+      raise ValueError(
+        f"opt.schedule={self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}"
+      )
     if self.grad_accum < 1:
       raise ValueError(f"opt.grad_accum must be >= 1, got {self.grad_accum}")
     if self.warmup_steps < 0 or self.total_steps < 1:
-      raise ValueError(f"opt.warmup_steps ({self.warmup_steps}) must be >= 0 and "
-                       f"opt.total_steps ({self.total_steps}) >= 1")
+      raise ValueError(
+        f"opt.warmup_steps ({self.warmup_steps}) must be >= 0 and "
+        f"opt.total_steps ({self.total_steps}) >= 1"
+      )
     if self.lr <= 0 or self.final_lr < 0:
-      raise ValueError(f"opt.lr must be > 0 and opt.final_lr >= 0, got {self.lr}, "
-                       f"{self.final_lr}")
+      raise ValueError(f"opt.lr must be > 0 and opt.final_lr >= 0, got {self.lr}, {self.final_lr}")
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -77,8 +80,13 @@ def decay_mask(params, decay_embeddings: bool):
 
 def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
   return optax.chain(
-      optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(),
-      optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                  weight_decay=cfg.weight_decay,
-                  mask=decay_mask(params, cfg.decay_embeddings)),
+    optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(),
+    optax.adamw(
+      schedule(cfg),
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+      mask=decay_mask(params, cfg.decay_embeddings),
+    ),
   )

@@ -6,13 +6,14 @@ optimizer state from jax.eval_shape, and shardings live on an AbstractMesh of N 
   python -m train.plan --preset=llama_7b --devices=8,64,256 --layouts=fsdp \\
       --config.data.batch_size=256 --config.data.seq_len=2048
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -37,8 +38,9 @@ def _nbytes(shape, dtype, sharding: NamedSharding) -> int:
   return math.prod(sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
 
 
-def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, mesh_shape: Mapping[str, int],
-                     rules: Mapping) -> int:
+def activation_bytes(
+  cfg: ModelConfig, rows: int, seq_len: int, mesh_shape: Mapping[str, int], rules: Mapping
+) -> int:
   """Estimated bytes one device keeps for the backward pass of one microbatch of `rows` rows.
 
   Per token, with c the compute dtype's bytes and each term divided by the mesh size its
@@ -56,15 +58,26 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, mesh_shape: Mapp
   (1.8-2.6x when one float32 L*L tensor a layer was counted). Unscanned, XLA:CPU's schedule
   ignores remat and keeps about what remat none keeps (docs/benchmarks.md).
   """
+
   def split(logical):
     return math.prod(mesh_shape[m] for m in partitioning._mesh_axes_of(rules.get(logical)))
 
   tokens = rows * seq_len / (split(axes.ACT_BATCH) * split(axes.ACT_LENGTH))
   c = cfg.compute_dtype.itemsize
-  d, h, g, k, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
-                      cfg.vocab_size)
-  se, sh, sg, sm = (split(axes.ACT_EMBED), split(axes.ACT_HEADS), split(axes.ACT_KV_HEADS),
-                    split(axes.ACT_MLP))
+  d, h, g, k, f, v = (
+    cfg.d_model,
+    cfg.n_heads,
+    cfg.n_kv_heads,
+    cfg.head_dim,
+    cfg.d_ff,
+    cfg.vocab_size,
+  )
+  se, sh, sg, sm = (
+    split(axes.ACT_EMBED),
+    split(axes.ACT_HEADS),
+    split(axes.ACT_KV_HEADS),
+    split(axes.ACT_MLP),
+  )
   mlp_width = 3 if cfg.mlp == "swiglu" else 2
   attn_LxL = 4 * h * (1 if cfg.attention_impl == "cudnn" else 3 * seq_len) / sh
   layer = c * (4 * d / se + 2 * h * k / sh + 2 * g * k / sg + mlp_width * f / sm) + attn_LxL
@@ -80,12 +93,20 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, mesh_shape: Mapp
 
 def _group(path) -> str:
   """A parameter's name with layer indices dropped: one entry per kind of parameter."""
-  return ".".join(str(getattr(p, "key", p)) for p in path
-                  if not isinstance(getattr(p, "key", None), int))
+  return ".".join(
+    str(getattr(p, "key", p)) for p in path if not isinstance(getattr(p, "key", None), int)
+  )
 
 
-def plan(cfg: ModelConfig, layout: partitioning.Layout | str, n_devices: int, batch: int,
-         seq_len: int, grad_accum: int = 1, opt_cfg: optim.OptimConfig | None = None) -> dict:
+def plan(
+  cfg: ModelConfig,
+  layout: partitioning.Layout | str,
+  n_devices: int,
+  batch: int,
+  seq_len: int,
+  grad_accum: int = 1,
+  opt_cfg: optim.OptimConfig | None = None,
+) -> dict:
   """Per-device memory of one layout on `n_devices`; raises PartitionError if it cannot work.
 
   Args:
@@ -111,9 +132,12 @@ def plan(cfg: ModelConfig, layout: partitioning.Layout | str, n_devices: int, ba
   abstract_opt = jax.eval_shape(optim.make_optimizer(opt_cfg, params).init, params)
   opt_shardings = partitioning.opt_state_shardings(abstract_opt, shardings, mesh)
   opt_leaves = jax.tree.leaves(abstract_opt)
-  opt_bytes = sum(_nbytes(x.shape, x.dtype, s) for x, s in
-                  zip(opt_leaves, jax.tree.leaves(opt_shardings,
-                                                  is_leaf=lambda x: isinstance(x, NamedSharding))))
+  opt_bytes = sum(
+    _nbytes(x.shape, x.dtype, s)
+    for x, s in zip(
+      opt_leaves, jax.tree.leaves(opt_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    )
+  )
   rows = batch // grad_accum
   act = activation_bytes(cfg, rows, seq_len, mesh.shape, rules)
 
@@ -124,16 +148,28 @@ def plan(cfg: ModelConfig, layout: partitioning.Layout | str, n_devices: int, ba
       groups[name]["count"] += 1
       continue
     logical = _logical_axes(state, path)
-    groups[name] = {"shape": tuple(p.shape), "axes": logical, "spec": s.spec,
-                    "shard": tuple(s.shard_shape(tuple(p.shape))), "count": 1}
+    groups[name] = {
+      "shape": tuple(p.shape),
+      "axes": logical,
+      "spec": s.spec,
+      "shard": tuple(s.shard_shape(tuple(p.shape))),
+      "count": 1,
+    }
   return {
-      "layout": layout.name, "devices": n_devices, "mesh": dict(mesh.shape),
-      "n_params": sum(p.size for _, p in leaves), "param_bytes_total": total_bytes,
-      "param_bytes": param_bytes, "grad_bytes": param_bytes, "opt_bytes": opt_bytes,
-      "opt_bytes_total": sum(x.size * x.dtype.itemsize for x in opt_leaves),
-      "activation_bytes": act, "microbatch_rows": rows,
-      "rows_per_device": rows // partitioning.batch_divisor(mesh, layout.rules),
-      "total_bytes": 2 * param_bytes + opt_bytes + act, "groups": groups,
+    "layout": layout.name,
+    "devices": n_devices,
+    "mesh": dict(mesh.shape),
+    "n_params": sum(p.size for _, p in leaves),
+    "param_bytes_total": total_bytes,
+    "param_bytes": param_bytes,
+    "grad_bytes": param_bytes,
+    "opt_bytes": opt_bytes,
+    "opt_bytes_total": sum(x.size * x.dtype.itemsize for x in opt_leaves),
+    "activation_bytes": act,
+    "microbatch_rows": rows,
+    "rows_per_device": rows // partitioning.batch_divisor(mesh, layout.rules),
+    "total_bytes": 2 * param_bytes + opt_bytes + act,
+    "groups": groups,
   }
 
 
@@ -153,43 +189,58 @@ def _size(n: float) -> str:
 
 def format_plan(p: dict, cfg: ModelConfig) -> str:
   mesh = " ".join(f"{a}={n}" for a, n in p["mesh"].items())
-  lines = [f"{p['layout']} on {p['devices']} devices (mesh {mesh}): "
-           f"{p['microbatch_rows']} rows per microbatch, {p['rows_per_device']} per device",
-           f"  params       {_size(p['param_bytes']):>12} /device  "
-           f"(of {_size(p['param_bytes_total'])}, {p['param_bytes_total'] / p['param_bytes']:.1f}x"
-           f" split)",
-           f"  grads        {_size(p['grad_bytes']):>12} /device",
-           f"  optimizer    {_size(p['opt_bytes']):>12} /device  "
-           f"(AdamW mu+nu of {_size(p['opt_bytes_total'])})",
-           f"  activations  {_size(p['activation_bytes']):>12} /device per microbatch "
-           f"(estimate, remat={cfg.remat}, attention={cfg.attention_impl})",
-           f"  total        {_size(p['total_bytes']):>12} /device",
-           "  partition specs:"]
+  lines = [
+    f"{p['layout']} on {p['devices']} devices (mesh {mesh}): "
+    f"{p['microbatch_rows']} rows per microbatch, {p['rows_per_device']} per device",
+    f"  params       {_size(p['param_bytes']):>12} /device  "
+    f"(of {_size(p['param_bytes_total'])}, {p['param_bytes_total'] / p['param_bytes']:.1f}x"
+    f" split)",
+    f"  grads        {_size(p['grad_bytes']):>12} /device",
+    f"  optimizer    {_size(p['opt_bytes']):>12} /device  "
+    f"(AdamW mu+nu of {_size(p['opt_bytes_total'])})",
+    f"  activations  {_size(p['activation_bytes']):>12} /device per microbatch "
+    f"(estimate, remat={cfg.remat}, attention={cfg.attention_impl})",
+    f"  total        {_size(p['total_bytes']):>12} /device",
+    "  partition specs:",
+  ]
   width = max(len(n) for n in p["groups"])
-  lines.append(f"    {'parameter':<{width}} {'':>4} {'shape':<22} {'logical axes':<34} "
-               f"{'partition spec':<28} -> per-device shard")
+  lines.append(
+    f"    {'parameter':<{width}} {'':>4} {'shape':<22} {'logical axes':<34} "
+    f"{'partition spec':<28} -> per-device shard"
+  )
   for name, g in p["groups"].items():
     times = f"x{g['count']}" if g["count"] > 1 else ""
-    lines.append(f"    {name:<{width}} {times:>4} {str(g['shape']):<22} "
-                 f"{str(g['axes']):<34} {str(tuple(g['spec'])):<28} -> {g['shard']}")
+    lines.append(
+      f"    {name:<{width}} {times:>4} {str(g['shape']):<22} "
+      f"{str(g['axes']):<34} {str(tuple(g['spec'])):<28} -> {g['shard']}"
+    )
   return "\n".join(lines)
 
 
-def report(cfg: ModelConfig, layouts: Sequence[partitioning.Layout | str],
-           devices: Sequence[int], batch: int, seq_len: int, grad_accum: int = 1,
-           opt_cfg: optim.OptimConfig | None = None) -> str:
+def report(
+  cfg: ModelConfig,
+  layouts: Sequence[partitioning.Layout | str],
+  devices: Sequence[int],
+  batch: int,
+  seq_len: int,
+  grad_accum: int = 1,
+  opt_cfg: optim.OptimConfig | None = None,
+) -> str:
   """The plan of every layout on every device count; a layout that cannot work is one line."""
   n = sum(p.size for p in jax.tree.leaves(nnx.to_pure_dict(abstract_params(cfg))))
-  out = [f"model: {n / 1e9:.3f}B params, d_model {cfg.d_model}, {cfg.n_layers} layers, "
-         f"heads {cfg.n_heads}/{cfg.n_kv_heads}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, "
-         f"params {cfg.param_dtype}, compute {cfg.dtype}; batch {batch} x seq {seq_len}, "
-         f"grad_accum {grad_accum}"]
+  out = [
+    f"model: {n / 1e9:.3f}B params, d_model {cfg.d_model}, {cfg.n_layers} layers, "
+    f"heads {cfg.n_heads}/{cfg.n_kv_heads}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, "
+    f"params {cfg.param_dtype}, compute {cfg.dtype}; batch {batch} x seq {seq_len}, "
+    f"grad_accum {grad_accum}"
+  ]
   for n_devices in devices:
     for layout in layouts:
       name = layout if isinstance(layout, str) else layout.name
       try:
-        out.append(format_plan(plan(cfg, layout, n_devices, batch, seq_len, grad_accum,
-                                    opt_cfg), cfg))
+        out.append(
+          format_plan(plan(cfg, layout, n_devices, batch, seq_len, grad_accum, opt_cfg), cfg)
+        )
       except partitioning.PartitionError as e:
         out.append(f"{name} on {n_devices} devices: ERROR {e}")
   return "\n".join(out)
@@ -201,11 +252,12 @@ def _main(argv):
   from ml_collections import config_flags
 
   from model.config import preset
+
   config = flags.FLAGS.config
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   if flags.FLAGS.preset:
     fields = dataclasses.asdict(preset(flags.FLAGS.preset))
-    fields.update({k[len("model."):]: v for k, v in overrides.items() if k.startswith("model.")})
+    fields.update({k[len("model.") :]: v for k, v in overrides.items() if k.startswith("model.")})
   else:
     fields = dict(config.model)
     if not fields.get("vocab_size"):
@@ -217,24 +269,41 @@ def _main(argv):
   opt_cfg = optim.OptimConfig(**opt_fields)
   chosen, sizes, _ = partitioning.split_mesh_config(config.mesh)
   # --config.mesh.* sizes belong to --config.mesh.layout, as in training; others use their file's.
-  layouts = [partitioning.load_layout(name, sizes if name == chosen else None)
-             for name in flags.FLAGS.layouts]
-  print(report(cfg, layouts, [int(n) for n in flags.FLAGS.devices], config.data.batch_size,
-               config.data.seq_len, opt_cfg.grad_accum, opt_cfg))
+  layouts = [
+    partitioning.load_layout(name, sizes if name == chosen else None)
+    for name in flags.FLAGS.layouts
+  ]
+  print(
+    report(
+      cfg,
+      layouts,
+      [int(n) for n in flags.FLAGS.devices],
+      config.data.batch_size,
+      config.data.seq_len,
+      opt_cfg.grad_accum,
+      opt_cfg,
+    )
+  )
 
 
 def main():
   from absl import app, flags
   from ml_collections import config_flags
 
-  base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      "base.py")
-  config_flags.DEFINE_config_file("config", base, "experiment config file (default: base)",
-                                  lock_config=True)
+  base = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py"
+  )
+  config_flags.DEFINE_config_file(
+    "config", base, "experiment config file (default: base)", lock_config=True
+  )
   flags.DEFINE_list("devices", ["8"], "device counts to plan for (may exceed this machine's)")
   flags.DEFINE_list("layouts", list(LAYOUTS), "layouts from configs/sharding to plan")
-  flags.DEFINE_string("preset", "", "model preset (model/config.py) instead of config.model; "
-                      "--config.model.* flags still apply on top")
+  flags.DEFINE_string(
+    "preset",
+    "",
+    "model preset (model/config.py) instead of config.model; "
+    "--config.model.* flags still apply on top",
+  )
   app.run(_main)
 
 

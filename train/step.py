@@ -1,9 +1,10 @@
 """The one train step every stage shares, and the eval step, jit-compiled on a mesh."""
+
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,23 @@ from jax.sharding import PartitionSpec
 from model import axes, layers
 from train import optim, partitioning
 
-# loss_fn(model, batch, rng or None) -> (loss_sum, count, metric sums)
+# loss_fn(model, batch, rng or None) -> (loss_sum, count, metric sums). A metric sum is a
+# scalar, reported per unit of the loss's count, or a (sum, count) pair with its own
+# denominator (per sequence, per pair, ...). Sums, so accumulation and devices stay exact.
 LossFn = Callable
+
+
+def finalize_metrics(metric_sums: dict, denom) -> dict:
+  """Metric sums over their denominators: `denom` (the loss's count) for plain sums, their
+  own count for (sum, count) pairs."""
+  out = {}
+  for k, v in metric_sums.items():
+    if isinstance(v, tuple):
+      total, count = v
+      out[k] = total / jnp.maximum(count, 1.0)
+    else:
+      out[k] = v / denom
+  return out
 
 
 @struct.dataclass
@@ -31,29 +47,56 @@ class TrainState:
 
 
 def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    rng=jax.random.PRNGKey(seed),
+  )
 
 
-def init_sharded(make_model: Callable[[], nnx.Module], opt_cfg: optim.OptimConfig, mesh, rules,
-                 seed: int, grad_reduce: str = "xla"):
+def init_sharded(
+  make_model: Callable[[], nnx.Module],
+  opt_cfg: optim.OptimConfig,
+  mesh,
+  rules,
+  seed: int,
+  grad_reduce: str = "xla",
+  load_params: Callable[[dict], dict] | None = None,
+):
   """A TrainState built directly into its shardings on `mesh` (which `grad_reduce`, the
   train step's, must suit).
 
+  `load_params(param shardings) -> params`, when given, supplies the parameters (weights from
+  elsewhere, already placed on those shardings) instead of the model's random init.
   Returns (graphdef, state, state shardings, optimizer); params are a pure dict."""
-  graphdef, params_state, param_shardings = partitioning.sharded_init(make_model, mesh, rules,
-                                                                      grad_reduce)
-  params = nnx.to_pure_dict(params_state)
-  param_shardings = nnx.to_pure_dict(param_shardings)
+  if load_params is None:
+    graphdef, params_state, param_shardings = partitioning.sharded_init(
+      make_model, mesh, rules, grad_reduce
+    )
+    params = nnx.to_pure_dict(params_state)
+    param_shardings = nnx.to_pure_dict(param_shardings)
+  else:
+    graphdef, _, param_shardings = partitioning.abstract_init(make_model, mesh, rules, grad_reduce)
+    param_shardings = nnx.to_pure_dict(param_shardings)
+    params = load_params(param_shardings)
   optimizer = optim.make_optimizer(opt_cfg, params)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  abstract_opt = jax.eval_shape(optimizer.init, params)
-  shardings = TrainState(step=replicated, params=param_shardings,
-                         opt_state=partitioning.opt_state_shardings(abstract_opt,
-                                                                    param_shardings, mesh),
-                         rng=replicated)
+  shardings = state_shardings(optimizer, params, param_shardings, mesh)
   state = jax.jit(lambda p: init_state(p, optimizer, seed), out_shardings=shardings)(params)
   return graphdef, state, shardings, optimizer
+
+
+def state_shardings(optimizer, params, param_shardings, mesh) -> TrainState:
+  """Where each part of a TrainState lives: moments like their parameters, counters
+  replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract_opt = jax.eval_shape(optimizer.init, params)
+  return TrainState(
+    step=replicated,
+    params=param_shardings,
+    opt_state=partitioning.opt_state_shardings(abstract_opt, param_shardings, mesh),
+    rng=replicated,
+  )
 
 
 def _split_microbatches(batch, k: int):
@@ -87,16 +130,17 @@ def compute_grads(graphdef, loss_fn, params, batch, rng, grad_accum: int):
 
   mbs = _split_microbatches(batch, grad_accum)
   first = jax.tree.map(lambda x: x[0], mbs)
-  shapes = jax.eval_shape(lambda p, mb: (lambda o: (o[0][0], o[0][1][0], o[0][1][1], o[1]))(
-      grad_fn(p, mb, rng)), params, first)
+  shapes = jax.eval_shape(
+    lambda p, mb: (lambda o: (o[0][0], o[0][1][0], o[0][1][1], o[1]))(grad_fn(p, mb, rng)),
+    params,
+    first,
+  )
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  (loss_sum, count, metrics, grads), _ = jax.lax.scan(body, zeros,
-                                                      (mbs, jnp.arange(grad_accum)))
+  (loss_sum, count, metrics, grads), _ = jax.lax.scan(body, zeros, (mbs, jnp.arange(grad_accum)))
   return loss_sum, count, metrics, grads
 
 
-def flat_data_parallel_grads(graphdef, loss_fn, params, batch, rng, grad_accum: int, mesh,
-                             rules):
+def flat_data_parallel_grads(graphdef, loss_fn, params, batch, rng, grad_accum: int, mesh, rules):
   """compute_grads with manual data parallelism: each device takes its shard of the batch, and
   one all-reduce sums every device's loss, count, metric sums and gradients as a single flat
   vector.
@@ -120,49 +164,78 @@ def flat_data_parallel_grads(graphdef, loss_fn, params, batch, rng, grad_accum: 
     return unravel(jax.lax.psum(flat, batch_axes))
 
   replicated, split = PartitionSpec(), PartitionSpec(batch_axes)
-  return jax.shard_map(local, mesh=mesh, in_specs=(replicated, split, replicated),
-                       out_specs=replicated, check_vma=False)(params, batch, rng)
+  return jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(replicated, split, replicated),
+    out_specs=replicated,
+    check_vma=False,
+  )(params, batch, rng)
 
 
-def train_step(state: TrainState, batch, *, graphdef, loss_fn: LossFn,
-               optimizer: optax.GradientTransformation, lr_schedule, grad_accum: int = 1,
-               mesh=None, rules=(), grad_reduce: str = "xla"):
+def train_step(
+  state: TrainState,
+  batch,
+  *,
+  graphdef,
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  lr_schedule,
+  grad_accum: int = 1,
+  mesh=None,
+  rules=(),
+  grad_reduce: str = "xla",
+  count_name: str = "tokens",
+):
   """One optimizer update from one global batch (split into grad_accum microbatches).
+
+  The loss is loss_sum / count; `count_name` names what the count counts in the metrics
+  (tokens, sequences, pairs).
 
   grad_reduce 'xla' leaves the gradient reductions to jit's partitioner; 'flat' computes them
   with `flat_data_parallel_grads` (pure data parallelism on `mesh`)."""
-  with (axes.axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()):
+  with axes.axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_reduce == "flat" and mesh is not None and mesh.size > 1:
       loss_sum, count, metric_sums, grads = flat_data_parallel_grads(
-          graphdef, loss_fn, state.params, batch, rng, grad_accum, mesh, rules)
+        graphdef, loss_fn, state.params, batch, rng, grad_accum, mesh, rules
+      )
     else:
-      loss_sum, count, metric_sums, grads = compute_grads(graphdef, loss_fn, state.params, batch,
-                                                          rng, grad_accum)
+      loss_sum, count, metric_sums, grads = compute_grads(
+        graphdef, loss_fn, state.params, batch, rng, grad_accum
+      )
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
-             "lr": lr_schedule(state.step), "tokens": count}
-  metrics.update({k: v / denom for k, v in metric_sums.items()})
+  metrics = {
+    "loss": loss_sum / denom,
+    "grad_norm": optax.tree.norm(grads),
+    "lr": lr_schedule(state.step),
+    count_name: count,
+  }
+  metrics.update(finalize_metrics(metric_sums, denom))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params, batch, *, graphdef, loss_fn: LossFn, mesh=None, rules=()):
   """Summed loss, count and metric sums of one batch, without dropout."""
-  with (axes.axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext()):
+  with axes.axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
     loss_sum, count, metric_sums = loss_fn(nnx.merge(graphdef, params), batch, None)
   return {"loss_sum": loss_sum, "count": count, **metric_sums}
 
 
 def jit_train_step(state_shardings, batch_shardings, **kwargs):
   """The train step jitted with explicit shardings and the state donated."""
-  return jax.jit(functools.partial(train_step, **kwargs),
-                 in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, None), donate_argnums=0)
+  return jax.jit(
+    functools.partial(train_step, **kwargs),
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, None),
+    donate_argnums=0,
+  )
 
 
 def jit_eval_step(params_shardings, batch_shardings, **kwargs):
-  return jax.jit(functools.partial(eval_step, **kwargs),
-                 in_shardings=(params_shardings, batch_shardings))
+  return jax.jit(
+    functools.partial(eval_step, **kwargs), in_shardings=(params_shardings, batch_shardings)
+  )

@@ -10,6 +10,7 @@ The model's vocabulary is GPT-2's 50257 padded to 50304 (as nanoGPT does), so th
 For a real run set data.corpus=shards and data.path to a directory made by
 `python -m data.prepare` (a tokenizer of up to 50304 pieces). On the built-in corpus it runs
 with an 8192-piece tokenizer, but the whole corpus is about three of these batches."""
+
 from configs import base
 
 

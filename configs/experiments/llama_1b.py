@@ -1,13 +1,20 @@
 """LLaMA-style ~1.1B for GPUs: bf16 compute, scanned and rematerialised layers, FSDP.
 train.peak_flops is one device's dense bf16 peak (989e12 for an H100 SXM); MFU multiplies
 it by the device count."""
+
 from configs import base
 
 
 def get_config():
   c = base.get_config()
-  c.model = base.model_config("llama_1b", vocab_size=0, dtype="bfloat16", scan_layers=True,
-                              remat="dots", attention_impl="cudnn")
+  c.model = base.model_config(
+    "llama_1b",
+    vocab_size=0,
+    dtype="bfloat16",
+    scan_layers=True,
+    remat="dots",
+    attention_impl="cudnn",
+  )
   c.data.vocab_size = 32000
   c.data.seq_len = 2048
   c.data.batch_size = 16

@@ -1,11 +1,21 @@
 """The demo run: a small LLaMA-style model on the built-in Shakespeare plays, BPE tokens."""
+
 from configs import base
 
 
 def get_config():
   c = base.get_config()
-  c.model = base.model_config("tiny", vocab_size=0, d_model=128, n_layers=4, n_heads=4,
-                              n_kv_heads=2, d_ff=384, max_seq_len=128, tie_embeddings=True)
+  c.model = base.model_config(
+    "tiny",
+    vocab_size=0,
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=384,
+    max_seq_len=128,
+    tie_embeddings=True,
+  )
   c.data.corpus = "shakespeare"
   c.data.tokenizer = "bpe"
   c.data.vocab_size = 2048

@@ -1,13 +1,24 @@
 """nanoGPT's CPU baby run of shakespeare_char, exactly: characters, 4x4x128, block 64."""
+
 from configs import base
 
 
 def get_config():
   c = base.get_config()
   # nanoGPT's GPT: LayerNorm and Linear without bias, learned positions, exact GELU, tied.
-  c.model = base.model_config("tiny_gpt2", vocab_size=0, d_model=128, n_layers=4, n_heads=4,
-                              n_kv_heads=4, d_ff=512, max_seq_len=64, use_bias=False,
-                              dropout=0.0, mlp="gelu_exact")  # torch nn.GELU() is exact
+  c.model = base.model_config(
+    "tiny_gpt2",
+    vocab_size=0,
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=4,
+    d_ff=512,
+    max_seq_len=64,
+    use_bias=False,
+    dropout=0.0,
+    mlp="gelu_exact",
+  )  # torch nn.GELU() is exact
   c.data.corpus = "text"  # data.path, default ../shared/data/tinyshakespeare/input.txt
   c.data.tokenizer = "char"
   c.data.add_bos = False  # one continuous character stream, as nanoGPT's train.bin

@@ -1,4 +1,5 @@
 """nanoGPT's default shakespeare_char shape: 6 layers, 6 heads, width 384, block 256."""
+
 from configs.experiments import shakespeare_char
 
 

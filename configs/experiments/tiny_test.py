@@ -1,4 +1,5 @@
 """A seconds-long run for tests: a tiny model on the built-in corpus."""
+
 from configs import base
 
 

@@ -1,4 +1,5 @@
 """Tiny random Hugging Face models (the independent reference), saved once per session."""
+
 import os
 
 import numpy as np
@@ -12,12 +13,12 @@ def randomize(model, seed=0, std=0.1, matrix_std=0.3):
   which would hide a bias or norm mapped to the wrong place. Block matrices get a larger std
   so the blocks, not the tied embedding, decide the next token (else greedy just repeats)."""
   import torch
+
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
       is_table = "wte" in name or "wpe" in name or "embed_tokens" in name or "lm_head" in name
-      noise = torch.randn(p.shape, generator=gen) * (std if p.ndim == 1 or is_table
-                                                      else matrix_std)
+      noise = torch.randn(p.shape, generator=gen) * (std if p.ndim == 1 or is_table else matrix_std)
       is_norm_scale = p.ndim == 1 and ("ln_" in name or "norm" in name) and name.endswith("weight")
       p.copy_(1.0 + noise if is_norm_scale else noise)
   return model.eval()
@@ -25,20 +26,38 @@ def randomize(model, seed=0, std=0.1, matrix_std=0.3):
 
 def hf_gpt2():
   from transformers import GPT2Config, GPT2LMHeadModel
-  cfg = GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=SEQ,
-                   bos_token_id=None, eos_token_id=None, attn_implementation="eager")
+
+  cfg = GPT2Config(
+    vocab_size=VOCAB,
+    n_embd=D,
+    n_layer=LAYERS,
+    n_head=HEADS,
+    n_positions=SEQ,
+    bos_token_id=None,
+    eos_token_id=None,
+    attn_implementation="eager",
+  )
   return randomize(GPT2LMHeadModel(cfg), seed=1)
 
 
 def hf_llama():
   # rope_theta and eps differ from the defaults so a dropped field would show up.
   from transformers import LlamaConfig, LlamaForCausalLM
-  cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=128,
-                    num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                    num_key_value_heads=KV_HEADS, max_position_embeddings=SEQ,
-                    rms_norm_eps=1e-5, rope_parameters={"rope_type": "default",
-                                                        "rope_theta": 500.0},
-                    bos_token_id=None, eos_token_id=None, attn_implementation="eager")
+
+  cfg = LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=D,
+    intermediate_size=128,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    num_key_value_heads=KV_HEADS,
+    max_position_embeddings=SEQ,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+    bos_token_id=None,
+    eos_token_id=None,
+    attn_implementation="eager",
+  )
   return randomize(LlamaForCausalLM(cfg), seed=2)
 
 
@@ -53,7 +72,8 @@ def hf_dirs(tmp_path_factory):
     model.save_pretrained(folder, max_shard_size=shard)
     out[name] = (model, folder)
   assert os.path.exists(os.path.join(out["llama"][1], "model.safetensors.index.json")), (
-      "the llama checkpoint should be sharded so the index path is tested")
+    "the llama checkpoint should be sharded so the index path is tested"
+  )
   return out
 
 
@@ -66,5 +86,6 @@ def tokens(b=2, l=16, seed=0):
 
 def hf_logits(model, toks):
   import torch
+
   with torch.no_grad():
     return model(torch.as_tensor(toks, dtype=torch.long)).logits.numpy()

@@ -1,4 +1,5 @@
 """Conversion errors name the tensor, field or architecture a user has to fix."""
+
 import os
 import subprocess
 import sys
@@ -33,25 +34,33 @@ def test_valid_llama_converts(llama):
 def test_missing_tensor_is_named_with_its_shape(llama):
   hf_config, tensors = llama
   tensors = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.down_proj.weight"}
-  with pytest.raises(convert.ConversionError,
-                     match=r"missing tensor 'model.layers.1.mlp.down_proj.weight' "
-                           r"\(expected shape \(64, 128\)\)"):
+  with pytest.raises(
+    convert.ConversionError,
+    match=r"missing tensor 'model.layers.1.mlp.down_proj.weight' "
+    r"\(expected shape \(64, 128\)\)",
+  ):
     convert_llama(hf_config, tensors)
 
 
 def test_wrong_shape_names_tensor_and_both_shapes(llama):
   hf_config, tensors = llama
   tensors = {**tensors, "model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}
-  with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.k_proj.weight' has "
-                                       r"shape \(64, 64\), expected \(32, 64\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"tensor 'model.layers.0.self_attn.k_proj.weight' has "
+    r"shape \(64, 64\), expected \(32, 64\)",
+  ):
     convert_llama(hf_config, tensors)
 
 
 def test_unexpected_tensor_is_named(llama):
   hf_config, tensors = llama
   tensors = {**tensors, "model.layers.0.self_attn.q_norm.weight": np.ones(16, np.float32)}
-  with pytest.raises(ValueError, match=r"unexpected tensor "
-                                       r"'model.layers.0.self_attn.q_norm.weight' with shape"):
+  with pytest.raises(
+    ValueError,
+    match=r"unexpected tensor "
+    r"'model.layers.0.self_attn.q_norm.weight' with shape",
+  ):
     convert_llama(hf_config, tensors)
 
 
@@ -67,31 +76,50 @@ def test_tied_config_with_different_lm_head_is_rejected(llama):
 
 def test_unsupported_architecture_names_it_and_the_supported_ones(llama):
   hf_config, tensors = llama
-  with pytest.raises(ValueError, match=r"unsupported architecture \['BertForMaskedLM'\].*"
-                                       r"GPT2LMHeadModel, LlamaForCausalLM"):
-    convert_llama({**hf_config, "architectures": ["BertForMaskedLM"], "model_type": "bert"},
-                  tensors)
+  with pytest.raises(
+    ValueError,
+    match=r"unsupported architecture \['BertForMaskedLM'\].*"
+    r"GPT2LMHeadModel, LlamaForCausalLM",
+  ):
+    convert_llama(
+      {**hf_config, "architectures": ["BertForMaskedLM"], "model_type": "bert"}, tensors
+    )
 
 
-@pytest.mark.parametrize("field,value", [
+@pytest.mark.parametrize(
+  "field,value",
+  [
     ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
     ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
     ("hidden_act", "gelu"),
     ("attention_bias", True),  # with mlp_bias false: our use_bias is all or nothing
     ("head_dim", 32),
-])
+  ],
+)
 def test_unsupported_llama_settings_name_the_field(llama, field, value):
   hf_config, tensors = llama
-  with pytest.raises(ValueError, match=rf"LlamaForCausalLM config.json has {field}=.*not "
-                                       r"supported"):
+  with pytest.raises(
+    ValueError,
+    match=rf"LlamaForCausalLM config.json has {field}=.*not "
+    r"supported",
+  ):
     convert_llama({**hf_config, field: value}, tensors)
 
 
-@pytest.mark.parametrize("field,value", [("activation_function", "relu"),
-                                         ("scale_attn_by_inverse_layer_idx", True)])
+@pytest.mark.parametrize(
+  "field,value", [("activation_function", "relu"), ("scale_attn_by_inverse_layer_idx", True)]
+)
 def test_unsupported_gpt2_settings_name_the_field(field, value):
-  hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 256,
-               "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64, field: value}
+  hf_config = {
+    "architectures": ["GPT2LMHeadModel"],
+    "model_type": "gpt2",
+    "vocab_size": 256,
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_positions": 64,
+    field: value,
+  }
   with pytest.raises(ValueError, match=rf"GPT2LMHeadModel config.json has {field}="):
     convert.hf_to_params(hf_config, {})
 
@@ -103,11 +131,17 @@ def test_missing_config_field_is_named():
 
 def test_export_of_an_architecture_hf_lacks_is_refused():
   cfg = ModelConfig(norm="layernorm", position="rope", mlp="gelu")
-  with pytest.raises(ValueError, match=r"no Hugging Face architecture matches "
-                                       r"norm='layernorm', position='rope'.*GPT2LMHeadModel"):
+  with pytest.raises(
+    ValueError,
+    match=r"no Hugging Face architecture matches "
+    r"norm='layernorm', position='rope'.*GPT2LMHeadModel",
+  ):
     convert.model_to_hf_config(cfg)
-  with pytest.raises(ValueError, match=r"GPT2LMHeadModel has no grouped-query attention: "
-                                       r"n_kv_heads=2"):
+  with pytest.raises(
+    ValueError,
+    match=r"GPT2LMHeadModel has no grouped-query attention: "
+    r"n_kv_heads=2",
+  ):
     convert.model_to_hf_config(preset("tiny_gpt2", n_kv_heads=2))
 
 
@@ -125,13 +159,17 @@ def test_export_names_the_bad_param():
 
 def test_folder_without_safetensors_is_explained(tmp_path):
   (tmp_path / "config.json").write_text("{}")
-  with pytest.raises(ValueError, match=r"neither model.safetensors nor "
-                                       r"model.safetensors.index.json"):
+  with pytest.raises(
+    ValueError,
+    match=r"neither model.safetensors nor "
+    r"model.safetensors.index.json",
+  ):
     hf_files.read_hf(str(tmp_path))
 
 
 def test_importing_convert_does_not_import_torch():
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   code = "import sys, model.convert; assert 'torch' not in sys.modules, 'torch was imported'"
-  subprocess.run([sys.executable, "-c", code], cwd=root, check=True,
-                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  subprocess.run(
+    [sys.executable, "-c", code], cwd=root, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+  )

@@ -1,4 +1,5 @@
 """Golden parity with transformers (torch, CPU): logits both ways, greedy generation, CLI."""
+
 import os
 
 import jax
@@ -26,63 +27,104 @@ def test_import_logits_match_transformers(hf_dirs, arch, scan):
   want = hf_logits(hf_model, toks)
   got = np.asarray(model(toks))
   assert got.shape == want.shape == (2, 16, VOCAB)
-  np.testing.assert_allclose(got, want, atol=TOL, rtol=0,
-                             err_msg=f"{arch} logits after import differ from transformers")
+  np.testing.assert_allclose(
+    got, want, atol=TOL, rtol=0, err_msg=f"{arch} logits after import differ from transformers"
+  )
 
 
 # Ours -> HF: the exported config has to rebuild the same architecture in transformers.
 EXPORT_CONFIGS = {
-    "gpt2": ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
-                        d_ff=192, max_seq_len=32, norm="layernorm", norm_eps=1e-5,
-                        position="learned", mlp="gelu", use_bias=True, tie_embeddings=True),
-    "llama": ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                         d_ff=96, max_seq_len=32, norm_eps=1e-6, rope_theta=1000.0,
-                         scan_layers=True),
+  "gpt2": ModelConfig(
+    vocab_size=VOCAB,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=4,
+    d_ff=192,
+    max_seq_len=32,
+    norm="layernorm",
+    norm_eps=1e-5,
+    position="learned",
+    mlp="gelu",
+    use_bias=True,
+    tie_embeddings=True,
+  ),
+  "llama": ModelConfig(
+    vocab_size=VOCAB,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=96,
+    max_seq_len=32,
+    norm_eps=1e-6,
+    rope_theta=1000.0,
+    scan_layers=True,
+  ),
 }
 
 
 @pytest.mark.parametrize("arch,shard", [("gpt2", "5GB"), ("llama", "60KB")])
 def test_export_logits_match_transformers(tmp_path, arch, shard):
   from transformers import AutoModelForCausalLM
+
   cfg = EXPORT_CONFIGS[arch]
   params = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))
   # Biases start at zero and norm scales at one; perturb everything so each must map right.
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape)
-                                        for x, k in zip(leaves, keys)])
+  params = jax.tree.unflatten(
+    treedef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
   convert.save_hf(cfg, params, str(tmp_path), max_shard_size=shard)
   sharded = os.path.exists(tmp_path / "model.safetensors.index.json")
   assert sharded == (shard != "5GB")
-  hf_model, info = AutoModelForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True,
-                                                        attn_implementation="eager")
+  hf_model, info = AutoModelForCausalLM.from_pretrained(
+    str(tmp_path), output_loading_info=True, attn_implementation="eager"
+  )
   # A missing key would be silently random-initialised by transformers.
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   assert type(hf_model).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch]
   toks = tokens(l=20, seed=3)
   ours = np.asarray(convert.build_model(cfg, params)(toks))
-  np.testing.assert_allclose(hf_logits(hf_model.eval(), toks), ours, atol=TOL, rtol=0,
-                             err_msg=f"transformers' logits of our exported {arch} differ")
+  np.testing.assert_allclose(
+    hf_logits(hf_model.eval(), toks),
+    ours,
+    atol=TOL,
+    rtol=0,
+    err_msg=f"transformers' logits of our exported {arch} differ",
+  )
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_greedy_continuation_matches_generate(hf_dirs, arch):
   import torch
+
   hf_model, folder = hf_dirs[arch]
   _, model = convert.load_hf(folder, scan_layers=arch == "llama")
   prompts = tokens(b=2, l=7, seed=5)
   n = 12
   with torch.no_grad():
-    want = hf_model.generate(torch.as_tensor(prompts, dtype=torch.long),
-                             attention_mask=torch.ones(prompts.shape, dtype=torch.long),
-                             do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                             pad_token_id=0).numpy()[:, prompts.shape[1]:]
+    want = hf_model.generate(
+      torch.as_tensor(prompts, dtype=torch.long),
+      attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+      do_sample=False,
+      max_new_tokens=n,
+      min_new_tokens=n,
+      pad_token_id=0,
+    ).numpy()[:, prompts.shape[1] :]
   graphdef, state = nnx.split(model)
-  out = Sampler(graphdef)(state, prompts, np.ones_like(prompts), jax.random.key(0),
-                          SamplingConfig(max_new_tokens=n, temperature=0.0))
+  out = Sampler(graphdef)(
+    state,
+    prompts,
+    np.ones_like(prompts),
+    jax.random.key(0),
+    SamplingConfig(max_new_tokens=n, temperature=0.0),
+  )
   assert want.shape == (2, n)
-  np.testing.assert_array_equal(np.asarray(out.tokens_BxN), want,
-                                err_msg=f"{arch}: greedy tokens differ from generate()")
+  np.testing.assert_array_equal(
+    np.asarray(out.tokens_BxN), want, err_msg=f"{arch}: greedy tokens differ from generate()"
+  )
 
 
 def test_cli_round_trip_is_lossless_and_copies_tokenizer(hf_dirs, tmp_path):
@@ -115,8 +157,9 @@ def test_original_gpt2_layout_and_bf16_checkpoints_convert(hf_dirs):
   hf_config, tensors = hf_files.read_hf(hf_dirs["gpt2"][1])
   _, want = convert.hf_to_params(hf_config, tensors)
   legacy = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-  legacy.update({f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32))
-                 for i in range(2)})
+  legacy.update(
+    {f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32)) for i in range(2)}
+  )
   _, got = convert.hf_to_params(hf_config, legacy)
   jax.tree.map(np.testing.assert_array_equal, got, want)
   bf16 = {k: v.astype(jax.numpy.bfloat16) for k, v in tensors.items()}

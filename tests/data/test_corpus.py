@@ -1,5 +1,6 @@
 """A run's data: prepared once, reused only for the same settings, shards checked against
 the config."""
+
 import json
 import os
 
@@ -26,8 +27,11 @@ def test_prepared_once_then_reused_and_stale_data_refused(tmp_path):
   assert again.vocab_size == tok.vocab_size
   assert os.path.getmtime(os.path.join(train_dir, "meta.json")) == mtime, "must not re-prepare"
   with pytest.raises(DataError, match=r"add_eos.*new --workdir"):
-    corpus.build(corpus.DataConfig(corpus="text", path=cfg.path, tokenizer="char",
-                                   add_eos=False), work, progress=False)
+    corpus.build(
+      corpus.DataConfig(corpus="text", path=cfg.path, tokenizer="char", add_eos=False),
+      work,
+      progress=False,
+    )
 
 
 def test_unfinished_preparation_is_redone(tmp_path):
@@ -53,5 +57,6 @@ def test_shards_must_match_the_configs_bos_eos(tmp_path):
   ok = corpus.DataConfig(corpus="shards", path=shards, add_bos=False)
   corpus.build(ok, str(tmp_path / "run1"), progress=False)
   with pytest.raises(DataError, match=r"data.add_bos=True .* add_bos=False"):
-    corpus.build(corpus.DataConfig(corpus="shards", path=shards), str(tmp_path / "run2"),
-                 progress=False)
+    corpus.build(
+      corpus.DataConfig(corpus="shards", path=shards), str(tmp_path / "run2"), progress=False
+    )

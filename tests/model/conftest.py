@@ -1,4 +1,5 @@
 """Shared builders for model tests."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +7,6 @@ from flax import nnx
 
 from model.config import preset
 from model.transformer import Transformer
-
 
 # The presets' init std of 0.02 leaves attention almost uniform: a RoPE position off by one
 # moved the tiny model's logits by 1.3e-3. At 0.1 it moves them by 1.5, and attention still
@@ -16,8 +16,7 @@ TEST_INIT_STD = 0.1
 
 def build(name="tiny", seed=0, **overrides):
   """A model of a preset, initialised with TEST_INIT_STD unless overridden."""
-  return Transformer(preset(name, **{"init_std": TEST_INIT_STD, **overrides}),
-                     rngs=nnx.Rngs(seed))
+  return Transformer(preset(name, **{"init_std": TEST_INIT_STD, **overrides}), rngs=nnx.Rngs(seed))
 
 
 def tokens(b, l, vocab=256, seed=0):

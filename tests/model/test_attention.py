@@ -1,4 +1,5 @@
 """Attention against a plain NumPy reference, with GQA, padding and packed segments."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,8 +44,9 @@ def test_attention_matches_numpy(impl, query_blocks, heads, kv_heads):
   # Row 0: left padding (segment 0) then one document; row 1: three packed documents.
   seg = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 2, 2, 3, 3, 3, 3]], np.int32)
   mask = make_mask(jnp.asarray(seg), jnp.asarray(seg), jnp.arange(l), jnp.arange(l))
-  got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl,
-                          query_blocks=query_blocks))
+  got = np.asarray(
+    attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl, query_blocks=query_blocks)
+  )
   want, real = numpy_attention(q, k, v, seg, seg)
   assert np.isfinite(got).all(), "padding rows must stay finite"
   np.testing.assert_allclose(got[real], want[real], atol=1e-5)
@@ -63,8 +65,18 @@ def test_attention_dropout_drops_probabilities(impl, query_blocks):
   seg = np.ones((b, l), np.int32)
   mask = make_mask(jnp.asarray(seg), jnp.asarray(seg), jnp.arange(l), jnp.arange(l))
   key = jax.random.key(5)
-  got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl, rate, key,
-                          query_blocks=query_blocks))
+  got = np.asarray(
+    attend(
+      jnp.asarray(q),
+      jnp.asarray(k),
+      jnp.asarray(v),
+      mask,
+      impl,
+      rate,
+      key,
+      query_blocks=query_blocks,
+    )
+  )
   # The keep mask over (batch, kv head, query head in group, query, key) = heads h = g * R + r.
   keep = np.asarray(jax.random.bernoulli(key, 1.0 - rate, (b, kv_heads, heads // kv_heads, l, l)))
   keep = keep.reshape(b, heads, l, l)
@@ -78,8 +90,9 @@ def test_attention_dropout_drops_probabilities(impl, query_blocks):
   assert 0.5 < keep.mean() < 0.9  # about 1 - rate of 392 draws
   plain = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl)
   np.testing.assert_array_equal(
-      np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl, rate, None)),
-      np.asarray(plain))
+    np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl, rate, None)),
+    np.asarray(plain),
+  )
 
 
 def test_rope_matches_rotation_of_pairs():
@@ -100,6 +113,7 @@ def test_rope_matches_rotation_of_pairs():
   # Relative property: q.k after RoPE depends only on the position difference.
   q = jnp.asarray(rng.normal(size=(1, 1, 1, 8)).astype(np.float32))
   k = jnp.asarray(rng.normal(size=(1, 1, 1, 8)).astype(np.float32))
-  dot = lambda pq, pk: float(jnp.sum(rope(q, jnp.array([[pq]]), 1e4) *
-                                     rope(k, jnp.array([[pk]]), 1e4)))
+  dot = lambda pq, pk: float(
+    jnp.sum(rope(q, jnp.array([[pq]]), 1e4) * rope(k, jnp.array([[pk]]), 1e4))
+  )
   assert abs(dot(5, 2) - dot(13, 10)) < 1e-4

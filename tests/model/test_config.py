@@ -1,4 +1,5 @@
 """Config validation, parameter counts against closed forms, logical axes on every parameter."""
+
 import jax
 import pytest
 from flax import nnx
@@ -33,20 +34,24 @@ def test_parameter_count_matches_closed_form(name):
 def test_presets_match_published_counts():
   """Published sizes: GPT-2 small 124,439,808; TinyLlama 1.1B 1,100,048,384;
   LLaMA-2 7B 6,738,415,616. A change here means the preset no longer has that shape."""
-  for name, published in (("gpt2_124m", 124_439_808), ("llama_1b", 1_100_048_384),
-                          ("llama_7b", 6_738_415_616)):
+  for name, published in (
+    ("gpt2_124m", 124_439_808),
+    ("llama_1b", 1_100_048_384),
+    ("llama_7b", 6_738_415_616),
+  ):
     assert count(preset(name)) == published, (
-        f"preset {name!r} no longer has the published parameter count {published:,}: its shape "
-        "changed, so its checkpoints and Hugging Face conversions no longer match")
+      f"preset {name!r} no longer has the published parameter count {published:,}: its shape "
+      "changed, so its checkpoints and Hugging Face conversions no longer match"
+    )
 
 
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("name", ["tiny", "tiny_gpt2", "llama_1b"])
 def test_every_parameter_has_logical_axes(name, scan):
-  abstract = nnx.eval_shape(lambda: Transformer(preset(name, scan_layers=scan),
-                                                rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Transformer(preset(name, scan_layers=scan), rngs=nnx.Rngs(0)))
   leaves = jax.tree_util.tree_leaves_with_path(
-      nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    nnx.state(abstract, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   assert leaves
   for path, var in leaves:
     names = var.get_metadata().get("out_sharding")
@@ -59,7 +64,9 @@ def test_every_parameter_has_logical_axes(name, scan):
       assert "blocks" not in where or names[0] == axes.LAYERS, where
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("d_model", 65, "d_model"),
     ("n_kv_heads", 3, "n_kv_heads"),
     ("vocab_size", 0, "vocab_size"),
@@ -84,7 +91,8 @@ def test_every_parameter_has_logical_axes(name, scan):
     ("norm_eps", 0.0, "norm_eps"),
     ("rope_theta", -1.0, "rope_theta"),
     ("init_std", 0.0, "init_std"),
-])
+  ],
+)
 def test_invalid_field_raises_naming_it(field, value, message):
   with pytest.raises(ValueError, match=message):
     preset("tiny", **{field: value})

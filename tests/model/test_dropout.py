@@ -1,5 +1,6 @@
 """Dropout masks from the keyed index hash: an independent NumPy reimplementation, and the
 statistics of independent Bernoulli draws."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,8 +83,9 @@ def test_hash_bits_of_a_block_are_that_block_of_the_whole():
   whole = np.asarray(hash_bits(key, full))
   for lo, hi in ((0, 4), (4, 8), (8, 12)):
     np.testing.assert_array_equal(
-        np.asarray(hash_bits(key, (2, 3, 1, hi - lo, hi), (0, 0, 0, lo, 0), full)),
-        whole[:, :, :, lo:hi, :hi])
+      np.asarray(hash_bits(key, (2, 3, 1, hi - lo, hi), (0, 0, 0, lo, 0), full)),
+      whole[:, :, :, lo:hi, :hi],
+    )
 
 
 @pytest.mark.parametrize("prng", ["hash", "threefry"])
@@ -91,18 +93,25 @@ def test_blocked_attention_with_dropout_matches_unblocked(prng):
   """Query blocks that skip keys after them compute the same output and gradients, dropout
   masks included."""
   from model.attention import attend, make_mask
+
   rng = np.random.default_rng(2)
   b, l, heads, kv_heads, d = 2, 12, 4, 2, 8
-  q, k, v = (jnp.asarray(rng.normal(size=(b, l, n, d)).astype(np.float32))
-             for n in (heads, kv_heads, kv_heads))
+  q, k, v = (
+    jnp.asarray(rng.normal(size=(b, l, n, d)).astype(np.float32))
+    for n in (heads, kv_heads, kv_heads)
+  )
   seg = jnp.asarray([[1] * l, [0] * 2 + [1] * 5 + [2] * 5], jnp.int32)
   mask = make_mask(seg, seg, jnp.arange(l), jnp.arange(l))
   key = jax.random.key(6)
   real = (seg > 0)[:, :, None, None]  # padding queries see no key: their output is unused
 
   def f(blocks):
-    return jax.value_and_grad(lambda q, k, v: jnp.sum(real * jnp.sin(attend(
-        q, k, v, mask, "xla", 0.3, key, prng, query_blocks=blocks))), argnums=(0, 1, 2))(q, k, v)
+    return jax.value_and_grad(
+      lambda q, k, v: jnp.sum(
+        real * jnp.sin(attend(q, k, v, mask, "xla", 0.3, key, prng, query_blocks=blocks))
+      ),
+      argnums=(0, 1, 2),
+    )(q, k, v)
 
   (base, g_base), (blocked, g_blocked) = f(1), f(4)
   np.testing.assert_allclose(blocked, base, rtol=1e-5)

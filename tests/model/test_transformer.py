@@ -1,4 +1,5 @@
 """The decoder: causality, packing, padding, KV cache, scan/remat equivalence, heads."""
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -6,12 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.attention import KVCache, cache_prefixes
-from model.transformer import ScalarModel, Transformer, last_token_values
+from model.attention import cache_prefixes
 from model.config import preset
-from train import losses
+from model.transformer import ScalarModel, last_token_values
 from tests.conftest import assert_trees_close
 from tests.model.conftest import build, tokens
+from train import losses
 
 PRESETS = ["tiny", "tiny_gpt2"]
 
@@ -32,11 +33,11 @@ def test_causality_gradient_is_exactly_zero(name):
   for t in range(l - 1):
     grads = jax.grad(logit_at)(params, t)
     table_grad = np.asarray(grads["embed"]["table_VxD"][...])
-    future_rows = table_grad[np.asarray(toks[0, t + 1:])]
+    future_rows = table_grad[np.asarray(toks[0, t + 1 :])]
     assert np.all(future_rows == 0.0), f"position {t} depends on a later token"
-    assert np.any(table_grad[np.asarray(toks[0, :t + 1])] != 0.0)
+    assert np.any(table_grad[np.asarray(toks[0, : t + 1])] != 0.0)
     if name == "tiny_gpt2":
-      assert np.all(np.asarray(grads["pos_embed_SxD"][...])[t + 1:] == 0.0)
+      assert np.all(np.asarray(grads["pos_embed_SxD"][...])[t + 1 :] == 0.0)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -81,13 +82,15 @@ def test_kv_cache_decode_matches_full_forward(name, scan, bucket):
   np.testing.assert_allclose(logits[0, 2:], full[0, 2:p], atol=1e-4)
   np.testing.assert_allclose(logits[1], full[1, :p], atol=1e-4)
   for i in range(p, p + n):
-    step, cache = model.decode(seq[:, i:i + 1], pos[:, i:i + 1], mask[:, i:i + 1], cache)
+    step, cache = model.decode(seq[:, i : i + 1], pos[:, i : i + 1], mask[:, i : i + 1], cache)
     np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-4, err_msg=f"step {i}")
   assert int(cache.index) == p + n
 
 
-@pytest.mark.parametrize("t,l,bucket", [(504, 1, 64), (504, 100, 64), (2048, 1, 64),
-                                         (12, 5, 2), (10, 3, 1), (64, 1, 64), (7, 7, 2)])
+@pytest.mark.parametrize(
+  "t,l,bucket",
+  [(504, 1, 64), (504, 100, 64), (2048, 1, 64), (12, 5, 2), (10, 3, 1), (64, 1, 64), (7, 7, 2)],
+)
 def test_cache_prefixes_cover_every_length_within_1_5x(t, l, bucket):
   """Every count of slots a query block can need (l .. t) has a listed prefix that holds it,
   at most 1.5x longer (or the bucket itself), and t is always last: the whole cache is read
@@ -111,13 +114,13 @@ def test_decode_reads_only_the_prefix_it_needs(bucket, finite):
   seq = tokens(b, p + n, seed=7)
   full = model(seq)
   cache = model.init_cache(b, 16)
-  cache = cache._replace(v_NxBxGxTxK=cache.v_NxBxGxTxK.at[:, :, :, p + n:].set(jnp.nan))
+  cache = cache._replace(v_NxBxGxTxK=cache.v_NxBxGxTxK.at[:, :, :, p + n :].set(jnp.nan))
   pos = jnp.broadcast_to(jnp.arange(p + n), (b, p + n))
   ones = jnp.ones((b, p + n), jnp.int32)
   logits, cache = model.decode(seq[:, :p], pos[:, :p], ones[:, :p], cache)
   steps = [logits]
   for i in range(p, p + n):
-    step, cache = model.decode(seq[:, i:i + 1], pos[:, i:i + 1], ones[:, i:i + 1], cache)
+    step, cache = model.decode(seq[:, i : i + 1], pos[:, i : i + 1], ones[:, i : i + 1], cache)
     steps.append(step)
   got = jnp.concatenate(steps, axis=1)
   if finite:
@@ -134,8 +137,9 @@ def _stack_unrolled(params_unrolled):
   return pure
 
 
-@pytest.mark.parametrize("rate,prng", [(0.0, "threefry"), (0.2, "threefry"), (0.2, "rbg"),
-                                       (0.2, "hash")])
+@pytest.mark.parametrize(
+  "rate,prng", [(0.0, "threefry"), (0.2, "threefry"), (0.2, "rbg"), (0.2, "hash")]
+)
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 @pytest.mark.parametrize("name", PRESETS)
 def test_scan_and_remat_match_unrolled(name, remat, rate, prng):
@@ -165,19 +169,22 @@ def test_scan_and_remat_match_unrolled(name, remat, rate, prng):
 def test_attention_query_blocks_train_like_one_block(name):
   """Scanned and rematerialised, with hash dropout everywhere: blocks that skip the keys after
   them give the same loss and gradients; with a KV cache they are off, and decode agrees."""
-  drop = dict(dropout=0.1, attention_dropout=0.1, dropout_prng="hash", scan_layers=True,
-              remat="dots")
+  drop = dict(
+    dropout=0.1, attention_dropout=0.1, dropout_prng="hash", scan_layers=True, remat="dots"
+  )
   one, four = build(name, **drop), build(name, attention_query_blocks=4, **drop)
   toks = tokens(2, 16, seed=10)
 
   def loss(m):
     g, p = nnx.split(m)
-    return jax.value_and_grad(lambda p: jnp.mean(jnp.square(
-        nnx.merge(g, p)(toks, dropout_rng=jax.random.key(3)))))(p)
+    return jax.value_and_grad(
+      lambda p: jnp.mean(jnp.square(nnx.merge(g, p)(toks, dropout_rng=jax.random.key(3))))
+    )(p)
 
   (l1, g1), (l4, g4) = loss(one), loss(four)
-  dots = lambda m: str(jax.make_jaxpr(lambda p: nnx.merge(nnx.graphdef(m), p)(toks))(
-      nnx.state(m))).count("dot_general")
+  dots = lambda m: str(
+    jax.make_jaxpr(lambda p: nnx.merge(nnx.graphdef(m), p)(toks))(nnx.state(m))
+  ).count("dot_general")
   assert dots(four) - dots(one) == 2 * 3, "4 blocks: 8 attention matmuls per layer, not 2"
   np.testing.assert_allclose(l4, l1, rtol=1e-6)
   assert_trees_close(nnx.to_pure_dict(g4), nnx.to_pure_dict(g1))
@@ -190,8 +197,7 @@ def test_attention_query_blocks_train_like_one_block(name):
 def test_unrolled_remat_matches_plain():
   plain, rematted = build("tiny"), build("tiny", remat="full")
   toks = tokens(2, 8, seed=6)
-  f = lambda m: jax.grad(lambda p: jnp.sum(nnx.merge(nnx.graphdef(m), p)(toks) ** 2))(
-      nnx.state(m))
+  f = lambda m: jax.grad(lambda p: jnp.sum(nnx.merge(nnx.graphdef(m), p)(toks) ** 2))(nnx.state(m))
   assert_trees_close(nnx.to_pure_dict(f(rematted)), nnx.to_pure_dict(f(plain)))
 
 
@@ -199,8 +205,9 @@ def test_einsum_attention_path_equals_jax_dot_product_attention():
   ours, jax_dpa = build("tiny"), build("tiny", attention_impl="jax")
   toks = tokens(2, 12, seed=7)
   seg = jnp.array([[1] * 12, [0] * 3 + [1] * 4 + [2] * 5])
-  np.testing.assert_allclose(ours(toks, None, seg)[1, 3:], jax_dpa(toks, None, seg)[1, 3:],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    ours(toks, None, seg)[1, 3:], jax_dpa(toks, None, seg)[1, 3:], atol=1e-5
+  )
   np.testing.assert_allclose(ours(toks)[0], jax_dpa(toks)[0], atol=1e-5)
 
 
@@ -222,8 +229,9 @@ def test_scalar_model_reads_last_real_token():
   values = sm(toks)
   assert values.shape == (2, 6) and values.dtype == jnp.float32
   mask = jnp.array([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
-  np.testing.assert_array_equal(last_token_values(values, mask),
-                                jnp.array([values[0, 2], values[1, 5]]))
+  np.testing.assert_array_equal(
+    last_token_values(values, mask), jnp.array([values[0, 2], values[1, 5]])
+  )
   # The value is the head applied to the trunk's final hidden states, token by token.
   h, _ = sm.trunk.hidden(toks)
   head = np.asarray(sm.head.kernel[...])[:, 0]
@@ -289,9 +297,13 @@ def test_bfloat16_compute_matches_float32_at_bfloat16_precision(name, scan):
   # magnitude from float32 (measured). Exactly equal would mean bf16 was never used.
   assert 0 < err < 0.05 * scale, (err, scale)
 
-  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
-           "positions": jnp.broadcast_to(jnp.arange(15), (2, 15)),
-           "segment_ids": jnp.ones((2, 15), jnp.int32), "loss_mask": jnp.ones((2, 15))}
+  batch = {
+    "inputs": toks[:, :-1],
+    "targets": toks[:, 1:],
+    "positions": jnp.broadcast_to(jnp.arange(15), (2, 15)),
+    "segment_ids": jnp.ones((2, 15), jnp.int32),
+    "loss_mask": jnp.ones((2, 15)),
+  }
 
   def grads(m):
     g, p = nnx.split(m)
@@ -316,5 +328,5 @@ def test_bfloat16_compute_matches_float32_at_bfloat16_precision(name, scan):
   pos, mask = jnp.broadcast_to(jnp.arange(16), (2, 16)), jnp.ones((2, 16), jnp.int32)
   _, cache = m16.decode(toks[:, :8], pos[:, :8], mask[:, :8], cache)
   for i in range(8, 16):
-    step, cache = m16.decode(toks[:, i:i + 1], pos[:, i:i + 1], mask[:, i:i + 1], cache)
+    step, cache = m16.decode(toks[:, i : i + 1], pos[:, i : i + 1], mask[:, i : i + 1], cache)
     np.testing.assert_allclose(step[:, 0], got[:, i], atol=0.01 * scale, err_msg=f"step {i}")

@@ -1,4 +1,5 @@
 """Every experiment config builds valid settings, and the named recipes hold what they claim."""
+
 import importlib
 import pkgutil
 
@@ -29,7 +30,11 @@ def test_gpt2_124m_is_gpt2_small_with_nanogpt_recipe():
   assert param_count(ModelConfig(**c.model)) == 124_439_808 + 47 * 768
   assert c.data.batch_size * c.data.seq_len == 491_520
   assert c.data.batch_size // c.opt.grad_accum == 12 * 8
-  assert (c.opt.lr, c.opt.final_lr, c.opt.warmup_steps, c.train.steps) == (6e-4, 6e-5, 2000,
-                                                                           600_000)
+  assert (c.opt.lr, c.opt.final_lr, c.opt.warmup_steps, c.train.steps) == (
+    6e-4,
+    6e-5,
+    2000,
+    600_000,
+  )
   assert (c.opt.b1, c.opt.b2, c.opt.weight_decay, c.opt.clip_norm) == (0.9, 0.95, 0.1, 1.0)
   assert c.opt.decay_embeddings

@@ -1,5 +1,6 @@
 """The host loop: errors caught before anything compiles, evaluation over a split, and the
 logged throughput."""
+
 import os
 
 import jax
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train import checkpoint as ckpt
-from train import losses, partitioning
 from tests.conftest import log_softmax64
+from train import losses, partitioning, pretrain
+from train.stage import build_stage
+from train.weights import load_for_inference
 
 
 @pytest.fixture
@@ -26,28 +28,32 @@ def test_query_blocks_must_divide_the_training_length(tmp_path):
   """Checked before any data is prepared: blocks that do not divide seq_len would silently
   run unblocked."""
   from configs.experiments import tiny_test
-  from train import loop
 
   config = tiny_test.get_config()
   config.model.attention_query_blocks = 3  # seq_len is 32
-  with pytest.raises(ValueError, match=r"model.attention_query_blocks=3 must divide "
-                                       r"data.seq_len=32"):
-    loop.build(config, str(tmp_path))
+  with pytest.raises(
+    ValueError,
+    match=r"model.attention_query_blocks=3 must divide "
+    r"data.seq_len=32",
+  ):
+    build_stage(config, str(tmp_path))
   assert not os.listdir(tmp_path)
 
 
 def test_flat_grad_reduce_on_a_sharded_layout_fails_before_compiling(tmp_path, jit_calls):
-  """`--config.mesh.grad_reduce=flat` with the fsdp layout: refused by `loop.build` when the
+  """`--config.mesh.grad_reduce=flat` with the fsdp layout: refused by `build_stage` when the
   shardings are known, before the init or the step is jitted."""
   from configs.experiments import tiny_test
-  from train import loop
 
   config = tiny_test.get_config()
   config.mesh.layout = "fsdp"
   config.mesh.grad_reduce = "flat"
-  with pytest.raises(partitioning.PartitionError, match=r"mesh.grad_reduce='flat' needs "
-                                                         r"replicated parameters"):
-    loop.build(config, str(tmp_path))
+  with pytest.raises(
+    partitioning.PartitionError,
+    match=r"mesh.grad_reduce='flat' needs "
+    r"replicated parameters",
+  ):
+    build_stage(config, str(tmp_path))
   assert not jit_calls
 
 
@@ -58,8 +64,10 @@ def char_shards_config(tmp_path):
   from data.prepare import prepare
   from data.tokenizer import CharTokenizer
 
-  docs = [f"{name}: " + "thou art more lovely and more temperate " * (k + 1)
-          for k, name in enumerate(["ROMEO", "JULIET", "NURSE", "MERCUTIO", "TYBALT"])]
+  docs = [
+    f"{name}: " + "thou art more lovely and more temperate " * (k + 1)
+    for k, name in enumerate(["ROMEO", "JULIET", "NURSE", "MERCUTIO", "TYBALT"])
+  ]
   docs.append("PARIS: amen, amen")
   tok = CharTokenizer.from_text("".join(docs))
   prepare(docs[:2], tok, tmp_path / "data" / "train", progress=False)
@@ -69,46 +77,59 @@ def char_shards_config(tmp_path):
   return config
 
 
-@pytest.mark.parametrize("overrides,message", [
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
     ({"train.eval_evry": 5}, r"config\.train has unknown fields \['eval_evry'\]"),
     ({"data.batchsize": 8}, r"config\.data has unknown fields \['batchsize'\]"),
     ({"data.corpus": "wiki"}, r"data\.corpus='wiki' is unknown; choose one of"),
     ({"data.seq_len": 0}, r"data\.seq_len must be > 0, got 0"),
-    ({"model.vocab_size": 10}, r"model\.vocab_size=10 is smaller than the tokenizer's \d+; "
-                               r"set it to 0"),
-    ({"model.position": "learned", "model.max_seq_len": 16},
-     r"data\.seq_len=32 exceeds model\.max_seq_len=16"),
-    ({"model.position": "learned", "model.max_seq_len": 16, "data.seq_len": 16,
-      "train.sample_prompt": "ROMEO: " * 3},
-     r"train\.sample_prompt is 22 tokens; with learned positions it must leave room"),
-])
-def test_bad_config_values_are_named_before_anything_compiles(tmp_path, jit_calls, overrides,
-                                                              message):
-  from train import loop
+    (
+      {"model.vocab_size": 10},
+      r"model\.vocab_size=10 is smaller than the tokenizer's \d+; "
+      r"set it to 0",
+    ),
+    (
+      {"model.position": "learned", "model.max_seq_len": 16},
+      r"data\.seq_len=32 exceeds model\.max_seq_len=16",
+    ),
+    (
+      {
+        "model.position": "learned",
+        "model.max_seq_len": 16,
+        "data.seq_len": 16,
+        "train.sample_prompt": "ROMEO: " * 3,
+      },
+      r"train\.sample_prompt is 22 tokens; with learned positions it must leave room",
+    ),
+  ],
+)
+def test_bad_config_values_are_named_before_anything_compiles(
+  tmp_path, jit_calls, overrides, message
+):
 
   config = char_shards_config(tmp_path)
   for field, value in overrides.items():
     section, name = field.split(".")
     config[section][name] = value
   with pytest.raises(ValueError, match=message):
-    loop.build(config, str(tmp_path / "run"))
+    build_stage(config, str(tmp_path / "run"))
   assert not jit_calls
 
 
 def test_evaluate_matches_scoring_each_document_piece_alone(tmp_path):
-  """loop.evaluate over a split of several documents, its last batch padded: the loss it
+  """Pretraining's evaluate over a split of several documents, its last batch padded: the loss it
   reports is the mean next-token NLL (without the z-loss the step trains on), against scoring
   every row's document pieces alone, each run through the model as its own sequence, with a
   float64 NumPy log-softmax. What is checked is evaluate's rows, segments, padding and sums."""
   from data.prepare import TokenShards
-  from train import loop
 
   config = char_shards_config(tmp_path)
   config.train.z_loss = 1e-2
-  run = loop.build(config, str(tmp_path / "run"))
+  run = build_stage(config, str(tmp_path / "run"))
   # Spread the logits (init std 0.02 leaves them near uniform) so argmax has no near ties.
-  params = jax.tree.map(lambda x: 4 * x, run.state.params)
-  got = loop.evaluate(run, params)
+  params = jax.tree.map(lambda x: 4 * x, run.params)
+  got = run.evaluate(params, max_batches=0)  # the whole split
 
   shards = TokenShards(run.val_dir)
   stream, starts = shards.read(0, shards.num_tokens), set(shards.doc_starts.tolist())
@@ -153,13 +174,15 @@ def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
   from train.metrics import flops_per_token, read_metrics
 
   STEP_S, PAUSE_S = 0.2, 1.0
-  real_loss, real_evaluate = losses.lm_loss, loop.evaluate
+  real_loss, real_evaluate = losses.lm_loss, pretrain.Pretrain.evaluate
 
   def slow_loss(model, batch, rng, **kw):
     loss_sum, count, m = real_loss(model, batch, rng, **kw)
-    slept = jax.pure_callback(lambda x: (time.sleep(STEP_S), x)[1],
-                              jax.ShapeDtypeStruct((), jnp.float32),
-                              jax.lax.stop_gradient(loss_sum))
+    slept = jax.pure_callback(
+      lambda x: (time.sleep(STEP_S), x)[1],
+      jax.ShapeDtypeStruct((), jnp.float32),
+      jax.lax.stop_gradient(loss_sum),
+    )
     return loss_sum + 0.0 * slept, count, m
 
   def slow_evaluate(*args, **kw):
@@ -167,12 +190,16 @@ def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
     return real_evaluate(*args, **kw)
 
   monkeypatch.setattr(losses, "lm_loss", slow_loss)
-  monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+  monkeypatch.setattr(pretrain.Pretrain, "evaluate", slow_evaluate)
   config = char_shards_config(tmp_path)
   tok = load_tokenizer(tmp_path / "data" / "train" / "tokenizer")
   shutil.rmtree(tmp_path / "data" / "train")  # 2 rows: too few for batches of 8
-  prepare(["ROMEO: thou art more lovely and more temperate " * 12] * 8, tok,
-          tmp_path / "data" / "train", progress=False)
+  prepare(
+    ["ROMEO: thou art more lovely and more temperate " * 12] * 8,
+    tok,
+    tmp_path / "data" / "train",
+    progress=False,
+  )
   config.train.steps, config.train.log_every = 16, 2
   config.train.eval_every, config.train.checkpoint_every = 4, 6
   config.train.eval_batches = 1
@@ -182,8 +209,7 @@ def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
 
   tokens_per_step = config.data.batch_size * config.data.seq_len
   ceiling = tokens_per_step / STEP_S
-  rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
-          if r["split"] == "train"]
+  rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train"]
   assert [r["step"] for r in rows] == [1] + list(range(2, 17, 2))
   rates = {r["step"]: r["tokens_per_s"] for r in rows}
   # A window of n steps lasts at least n * STEP_S, less the moment between one step's end and
@@ -201,5 +227,5 @@ def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / (1e9 * jax.device_count()))
   # The checkpoint decodes on its own.
   shutil.rmtree(os.path.join(workdir, "tokenizer"))
-  *_, carried = ckpt.load_for_inference(workdir)
+  *_, carried = load_for_inference(workdir)
   assert carried.chars == tok.chars

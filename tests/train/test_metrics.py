@@ -1,4 +1,5 @@
 """Model FLOPs for MFU, against the matmuls the model actually runs."""
+
 import jax
 import jax.extend
 import numpy as np
@@ -26,12 +27,15 @@ def _dot_flops(jaxpr) -> int:
   return total
 
 
-@pytest.mark.parametrize("name,overrides", [
+@pytest.mark.parametrize(
+  "name,overrides",
+  [
     ("tiny", {}),  # RoPE, SwiGLU, untied head
     ("tiny_gpt2", {}),  # learned positions, tied head: the table is the head's matmul
     ("tiny", {"tie_embeddings": True, "scan_layers": True}),
     ("tiny_gpt2", {"tie_embeddings": False}),
-])
+  ],
+)
 def test_flops_per_token_is_three_times_the_forward_matmuls(name, overrides):
   """Training costs forward + backward = 3x the forward's matmul FLOPs; the forward's are
   2 per matmul parameter plus 4 x d_model x seq_len per layer for QK^T and PV (the full
@@ -44,7 +48,9 @@ def test_flops_per_token_is_three_times_the_forward_matmuls(name, overrides):
   toks = np.ones((b, l), np.int32)
   forward = _dot_flops(jax.make_jaxpr(lambda: model(toks))().jaxpr) / (b * l)
   got = metrics.flops_per_token(cfg, param_count(cfg), l)
-  no_matmul = sum(int(np.prod(x.shape)) for p, x in jax.tree_util.tree_leaves_with_path(
-      nnx.to_pure_dict(nnx.state(model))) if "norm" in jax.tree_util.keystr(p)
-      or "bias" in jax.tree_util.keystr(p))
+  no_matmul = sum(
+    int(np.prod(x.shape))
+    for p, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model)))
+    if "norm" in jax.tree_util.keystr(p) or "bias" in jax.tree_util.keystr(p)
+  )
   np.testing.assert_allclose(got - 6 * no_matmul, 3 * forward, rtol=1e-9)

@@ -1,4 +1,5 @@
 """Layouts that cannot work fail before compiling, naming the parameter, axes and sizes."""
+
 import re
 
 import jax
@@ -58,15 +59,30 @@ def test_rule_naming_a_mesh_axis_twice():
 def test_two_dims_of_one_tensor_on_the_same_mesh_axis():
   rules = (("activation_batch", "fsdp"), ("embed", "fsdp"), ("mlp", "fsdp"))
   # The first such tensor in tree order is block 0's MLP down projection [mlp, embed].
-  raises(["parameter ['blocks'][0]['mlp']['down']['kernel'] (128, 64)", "('mlp', 'embed')",
-          "dims 0 ('mlp') and 1 ('embed')", "mesh axis 'fsdp' (size 8)"],
-         specs, "fsdp", rules=rules)
+  raises(
+    [
+      "parameter ['blocks'][0]['mlp']['down']['kernel'] (128, 64)",
+      "('mlp', 'embed')",
+      "dims 0 ('mlp') and 1 ('embed')",
+      "mesh axis 'fsdp' (size 8)",
+    ],
+    specs,
+    "fsdp",
+    rules=rules,
+  )
 
 
 def test_dim_not_divisible_by_its_mesh_axes():
   # Tensor parallel over 8 devices: 2 kv heads cannot split 8 ways.
-  raises(["parameter ['blocks'][0]['attn']['k']['kernel'] (64, 2, 16)",
-          "dim 1 ('kv_heads', size 2)", "mesh axes ('tensor',) of size 8"], specs, "tp")
+  raises(
+    [
+      "parameter ['blocks'][0]['attn']['k']['kernel'] (64, 2, 16)",
+      "dim 1 ('kv_heads', size 2)",
+      "mesh axes ('tensor',) of size 8",
+    ],
+    specs,
+    "tp",
+  )
 
 
 def test_dim_not_divisible_by_a_product_of_mesh_axes():
@@ -74,15 +90,24 @@ def test_dim_not_divisible_by_a_product_of_mesh_axes():
   layout = partitioning.load_layout("dp_fsdp_tp", {"data": 16, "fsdp": 1, "tensor": 16})
   mesh = partitioning.abstract_mesh(layout, 256)
   rules = (("activation_batch", "data"), ("mlp", ("data", "tensor")))
-  raises(["parameter ['blocks'][0]['mlp']['down']['kernel'] (128, 64)",
-          "dim 0 ('mlp', size 128)", "mesh axes ('data', 'tensor') of size 256"],
-         partitioning.param_specs, abstract_state(), mesh, rules)
+  raises(
+    [
+      "parameter ['blocks'][0]['mlp']['down']['kernel'] (128, 64)",
+      "dim 0 ('mlp', size 128)",
+      "mesh axes ('data', 'tensor') of size 256",
+    ],
+    partitioning.param_specs,
+    abstract_state(),
+    mesh,
+    rules,
+  )
 
 
 def test_mesh_axis_that_shards_nothing():
   # `--config.mesh.layout=fsdp --config.mesh.data=2`: fsdp rules never use `data`.
-  raises(["{'data': 2}", "'fsdp': 4", "shard no parameter and not the batch"],
-         specs, "fsdp", {"data": 2})
+  raises(
+    ["{'data': 2}", "'fsdp': 4", "shard no parameter and not the batch"], specs, "fsdp", {"data": 2}
+  )
 
 
 def test_tensor_axis_idle_under_data_parallel_rules():
@@ -91,8 +116,9 @@ def test_tensor_axis_idle_under_data_parallel_rules():
 
 def test_mesh_product_does_not_match_device_count():
   layout = partitioning.load_layout("dp_fsdp_tp", {"data": 3})
-  raises(["'data': 3, 'fsdp': 2, 'tensor': 2", "12 slots", "8 devices"],
-         partitioning.make_mesh, layout)
+  raises(
+    ["'data': 3, 'fsdp': 2, 'tensor': 2", "12 slots", "8 devices"], partitioning.make_mesh, layout
+  )
 
 
 def test_fill_axis_cannot_absorb_the_device_count():
@@ -108,10 +134,21 @@ def test_unknown_layout_and_mesh_axis():
 def test_batch_that_does_not_split_over_its_mesh_axes():
   layout = partitioning.load_layout("fsdp")
   mesh = partitioning.make_mesh(layout)
-  raises(["batch of 12 rows", "('fsdp',) of size 8", "multiple of 8"],
-         partitioning.check_batch_size, 12, mesh, layout.rules)
-  raises(["2 microbatch", "multiple of 16"], partitioning.check_batch_size, 8, mesh,
-         layout.rules, grad_accum=2)
+  raises(
+    ["batch of 12 rows", "('fsdp',) of size 8", "multiple of 8"],
+    partitioning.check_batch_size,
+    12,
+    mesh,
+    layout.rules,
+  )
+  raises(
+    ["2 microbatch", "multiple of 16"],
+    partitioning.check_batch_size,
+    8,
+    mesh,
+    layout.rules,
+    grad_accum=2,
+  )
   partitioning.check_batch_size(16, mesh, layout.rules, grad_accum=2)
 
 
@@ -128,8 +165,13 @@ def test_sharded_init_fails_before_compiling():
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(jax, "jit", spy)
-    raises(["'kv_heads', size 2"], partitioning.sharded_init,
-           lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh, layout.rules)
+    raises(
+      ["'kv_heads', size 2"],
+      partitioning.sharded_init,
+      lambda: Transformer(CFG, rngs=nnx.Rngs(0)),
+      mesh,
+      layout.rules,
+    )
   assert not compiled
 
 
@@ -148,15 +190,20 @@ def test_flat_grad_reduce_needs_pure_data_parallelism():
   """mesh.grad_reduce='flat' on a layout that shards parameters or activations is refused,
   naming the setting, the axes or parameter and what to use instead."""
   state = abstract_state()
-  for name, sizes, fragments in (("fsdp", None, ["mesh.grad_reduce='flat'", "is split as",
-                                                 "mesh.grad_reduce='xla'"]),
-                                 ("dp_fsdp_tp", None, ["mesh.grad_reduce='flat'", "'tensor': 2",
-                                                       "do not split the batch"])):
+  for name, sizes, fragments in (
+    ("fsdp", None, ["mesh.grad_reduce='flat'", "is split as", "mesh.grad_reduce='xla'"]),
+    ("dp_fsdp_tp", None, ["mesh.grad_reduce='flat'", "'tensor': 2", "do not split the batch"]),
+  ):
     layout = partitioning.load_layout(name, sizes)
     mesh = partitioning.make_mesh(layout)
-    shardings = partitioning.to_shardings(
-        partitioning.param_specs(state, mesh, layout.rules), mesh)
+    shardings = partitioning.to_shardings(partitioning.param_specs(state, mesh, layout.rules), mesh)
     raises(fragments, partitioning.check_grad_reduce, "flat", mesh, layout.rules, shardings)
     partitioning.check_grad_reduce("xla", mesh, layout.rules, shardings)  # no error
-  raises(["mesh.grad_reduce='ring'", "xla, flat"], partitioning.check_grad_reduce, "ring",
-         mesh, layout.rules, shardings)
+  raises(
+    ["mesh.grad_reduce='ring'", "xla, flat"],
+    partitioning.check_grad_reduce,
+    "ring",
+    mesh,
+    layout.rules,
+    shardings,
+  )

@@ -1,4 +1,5 @@
 """The layout planner: byte counts from shapes alone agree with what a built state places."""
+
 import os
 import subprocess
 import sys
@@ -19,8 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_llama_1b_fsdp8_holds_an_eighth_of_everything():
   p = planlib.plan(preset("llama_1b"), "fsdp", 8, batch=8, seq_len=2048)
   assert p["n_params"] == 1_100_048_384, (
-      "the llama_1b preset is no longer the TinyLlama 1.1B shape; update the preset or this "
-      "figure knowingly")
+    "the llama_1b preset is no longer the TinyLlama 1.1B shape; update the preset or this "
+    "figure knowingly"
+  )
   assert p["param_bytes_total"] == 4 * p["n_params"]  # float32
   # Every dim fsdp splits (embed 2048) divides by 8, so the split is exact.
   assert p["param_bytes"] * 8 == p["param_bytes_total"]
@@ -35,13 +37,13 @@ def test_llama_1b_fsdp8_holds_an_eighth_of_everything():
 def test_plan_matches_the_shards_of_a_built_state():
   """Same layout, same model, 8 CPU devices: planned bytes are the bytes actually placed."""
   layout, mesh, state, _, _ = test_layouts.trained("fsdp8")
-  p = planlib.plan(test_layouts.CFG, layout, 8, batch=test_layouts.BATCH,
-                   seq_len=test_layouts.SEQ)
+  p = planlib.plan(test_layouts.CFG, layout, 8, batch=test_layouts.BATCH, seq_len=test_layouts.SEQ)
   for device in range(8):
     placed = sum(x.addressable_shards[device].data.nbytes for x in jax.tree.leaves(state.params))
     assert placed == p["param_bytes"]
-    placed_opt = sum(x.addressable_shards[device].data.nbytes
-                     for x in jax.tree.leaves(state.opt_state))
+    placed_opt = sum(
+      x.addressable_shards[device].data.nbytes for x in jax.tree.leaves(state.opt_state)
+    )
     assert placed_opt == p["opt_bytes"]
   assert p["param_bytes"] * 8 == p["param_bytes_total"]
 
@@ -54,8 +56,10 @@ def test_activation_estimate_formula():
   assert one == 8 * (2 * 3712 + 2816), "the documented formula in train/plan.py changed"
   # dp over 8 devices: each holds an eighth of 8 rows' activations, i.e. one row's.
   assert planlib.plan(cfg, "dp", 8, batch=8, seq_len=8)["activation_bytes"] == one
-  by_remat = {r: planlib.plan(cfg.replace(remat=r), "dp", 1, 1, 512)["activation_bytes"]
-              for r in ("none", "dots", "full")}
+  by_remat = {
+    r: planlib.plan(cfg.replace(remat=r), "dp", 1, 1, 512)["activation_bytes"]
+    for r in ("none", "dots", "full")
+  }
   assert by_remat["full"] < by_remat["dots"] < by_remat["none"]
   flash = planlib.plan(cfg.replace(attention_impl="cudnn"), "dp", 1, 1, 512)
   assert flash["activation_bytes"] < by_remat["none"]
@@ -72,16 +76,19 @@ def test_activation_estimate_matches_compiled_temp_bytes(remat):
   temp = grad.lower(params).compile().memory_analysis().temp_size_in_bytes
   est = planlib.plan(cfg, "dp", 1, batch=1, seq_len=512)["activation_bytes"]
   assert 0.8 < temp / est < 1.25, (
-      f"compiled temp {temp / 2**20:.1f} MiB against the estimate {est / 2**20:.1f} MiB: the "
-      "estimate in train/plan.py no longer describes what XLA keeps for the backward pass")
+    f"compiled temp {temp / 2**20:.1f} MiB against the estimate {est / 2**20:.1f} MiB: the "
+    "estimate in train/plan.py no longer describes what XLA keeps for the backward pass"
+  )
 
 
 def test_report_shows_layouts_that_cannot_work_as_error_lines():
   text = planlib.report(preset("llama_1b"), planlib.LAYOUTS, [8, 256], batch=16, seq_len=128)
   assert "fsdp on 8 devices (mesh data=1 fsdp=8 tensor=1)" in text
   # 4 kv heads cannot split over tensor=8; 16 rows cannot split over fsdp=256.
-  assert ("tp on 8 devices: ERROR parameter ['blocks'][0]['attn']['k']['kernel'] "
-          "(2048, 4, 64): dim 1 ('kv_heads', size 4)") in text
+  assert (
+    "tp on 8 devices: ERROR parameter ['blocks'][0]['attn']['k']['kernel'] "
+    "(2048, 4, 64): dim 1 ('kv_heads', size 4)"
+  ) in text
   assert "fsdp on 256 devices: ERROR batch of 16 rows" in text
   assert len(text.splitlines()) > 20
 
@@ -89,11 +96,25 @@ def test_report_shows_layouts_that_cannot_work_as_error_lines():
 def test_command_line():
   """A preset, a model override on top of it, and mesh sizes for the chosen layout."""
   out = subprocess.run(
-      [sys.executable, "-m", "train.plan", "--preset=tiny", "--devices=8,16",
-       "--layouts=fsdp_tp,dp", "--config.model.remat=full", "--config.mesh.layout=fsdp_tp",
-       "--config.mesh.tensor=2", "--config.mesh.fsdp=4", "--config.data.batch_size=32"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+    [
+      sys.executable,
+      "-m",
+      "train.plan",
+      "--preset=tiny",
+      "--devices=8,16",
+      "--layouts=fsdp_tp,dp",
+      "--config.model.remat=full",
+      "--config.mesh.layout=fsdp_tp",
+      "--config.mesh.tensor=2",
+      "--config.mesh.fsdp=4",
+      "--config.data.batch_size=32",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+  )
   assert out.returncode == 0, out.stderr
   assert "remat=full" in out.stdout
   assert "fsdp_tp on 8 devices (mesh data=1 fsdp=4 tensor=2)" in out.stdout

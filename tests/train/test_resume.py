@@ -1,5 +1,6 @@
 """Exact resume: a run stopped by SIGTERM or SIGINT, or killed with -9 after a checkpoint, and resumed
 has bitwise the losses and final parameters of an uninterrupted run (CPU), dropout included."""
+
 import os
 import signal
 import subprocess
@@ -27,15 +28,25 @@ def prepared(tmp_path_factory):
 
 def start(workdir, prepared):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  cmd = [sys.executable, "-m", "train.main", "--config=configs/experiments/tiny_test.py",
-         f"--workdir={workdir}", "--config.data.corpus=shards", f"--config.data.path={prepared}",
-         f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=10",
-         "--config.train.keep_checkpoints=2",
-         # Dropout as shakespeare_char_10m trains: a resumed run must redraw the same masks.
-         "--config.model.dropout=0.1", "--config.model.attention_dropout=0.1",
-         "--config.model.dropout_prng=hash"]
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  cmd = [
+    sys.executable,
+    "-m",
+    "train.main",
+    "--config=configs/experiments/tiny_test.py",
+    f"--workdir={workdir}",
+    "--config.data.corpus=shards",
+    f"--config.data.path={prepared}",
+    f"--config.train.steps={STEPS}",
+    "--config.train.checkpoint_every=10",
+    "--config.train.keep_checkpoints=2",
+    # Dropout as shakespeare_char_10m trains: a resumed run must redraw the same masks.
+    "--config.model.dropout=0.1",
+    "--config.model.attention_dropout=0.1",
+    "--config.model.dropout_prng=hash",
+  ]
+  return subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 def finish(proc, timeout=240):
@@ -46,14 +57,18 @@ def finish(proc, timeout=240):
 
 def losses_by_step(workdir):
   """The last logged training loss of each step (a resumed run re-logs the steps it redid)."""
-  return {r["step"]: r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
-          if r["split"] == "train"}
+  return {
+    r["step"]: r["loss"]
+    for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    if r["split"] == "train"
+  }
 
 
 def final_params(workdir):
-  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(STEPS),
-                                                          "state"))
-  return state["params"]
+  state = ocp.StandardCheckpointer().restore(
+    os.path.join(workdir, "checkpoints", str(STEPS), "states")
+  )
+  return state["model"]["params"]
 
 
 def wait_for(predicate, proc, timeout=180):
@@ -78,6 +93,7 @@ def assert_same_run(workdir, reference):
   diff = [s for s in got if got[s] != want_losses[s]]
   assert not diff, f"losses differ at steps {diff[:5]}: resume is not exact"
   import jax
+
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir), want_params)
 
 
@@ -93,8 +109,9 @@ def test_signal_saves_and_resumes_exactly(sig, prepared, reference, tmp_path):
   assert "received signal" in out, out[-2000:]
   stopped = max(losses_by_step(workdir))
   assert stopped < STEPS, "the signal arrived after the run had finished"
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped))), \
-      f"{signal.Signals(sig).name} must checkpoint the step it stopped at"
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped))), (
+    f"{signal.Signals(sig).name} must checkpoint the step it stopped at"
+  )
   out = finish(start(workdir, prepared))
   assert f"resumed from step {stopped}" in out
   assert_same_run(workdir, reference)

@@ -9,10 +9,11 @@ from flax import nnx
 
 from model.config import preset
 from model.transformer import Transformer
+from tests.conftest import assert_trees_close, log_softmax64
 from train import checkpoint as ckpt
 from train import losses, optim, partitioning
 from train import step as steplib
-from tests.conftest import assert_trees_close, log_softmax64
+from train.weights import load_for_inference
 
 CFG = preset("tiny", vocab_size=64, max_seq_len=16)
 
@@ -20,23 +21,36 @@ CFG = preset("tiny", vocab_size=64, max_seq_len=16)
 def make_batch(b, l=16, seed=0, vocab=64):
   rng = np.random.default_rng(seed)
   toks = rng.integers(1, vocab, size=(b, l + 1)).astype(np.int32)
-  return {"inputs": toks[:, :-1], "targets": toks[:, 1:],
-          "segment_ids": np.ones((b, l), np.int32),
-          "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)),
-          "loss_mask": np.ones((b, l), np.float32)}
+  return {
+    "inputs": toks[:, :-1],
+    "targets": toks[:, 1:],
+    "segment_ids": np.ones((b, l), np.int32),
+    "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)),
+    "loss_mask": np.ones((b, l), np.float32),
+  }
 
 
 def setup(layout="dp", devices=None, opt_cfg=None, grad_accum=1, cfg=CFG, **mesh_sizes):
   layout = partitioning.load_layout(layout, mesh_sizes)
   mesh = partitioning.make_mesh(layout, devices)
-  opt_cfg = opt_cfg or optim.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=100,
-                                         schedule="constant", grad_accum=grad_accum)
+  opt_cfg = opt_cfg or optim.OptimConfig(
+    lr=1e-2, warmup_steps=0, total_steps=100, schedule="constant", grad_accum=grad_accum
+  )
   graphdef, state, shardings, optimizer = steplib.init_sharded(
-      lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, layout.rules, seed=0)
+    lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt_cfg, mesh, layout.rules, seed=0
+  )
   batch_sh = {k: partitioning.batch_sharding(mesh, layout.rules) for k in make_batch(1)}
-  step = steplib.jit_train_step(shardings, batch_sh, graphdef=graphdef, loss_fn=losses.lm_loss,
-                                optimizer=optimizer, lr_schedule=optim.schedule(opt_cfg),
-                                grad_accum=opt_cfg.grad_accum, mesh=mesh, rules=layout.rules)
+  step = steplib.jit_train_step(
+    shardings,
+    batch_sh,
+    graphdef=graphdef,
+    loss_fn=losses.lm_loss,
+    optimizer=optimizer,
+    lr_schedule=optim.schedule(opt_cfg),
+    grad_accum=opt_cfg.grad_accum,
+    mesh=mesh,
+    rules=layout.rules,
+  )
   put = lambda b: partitioning.shard_batch(b, mesh, layout.rules)
   return state, step, put, shardings
 
@@ -97,12 +111,13 @@ def test_cross_entropy_matches_numpy():
   logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
   targets = rng.integers(0, 7, size=(2, 5))
   weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
-  loss_sum, count, _ = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
-                                            jnp.asarray(weights), z_loss=1e-2)
+  loss_sum, count, _ = losses.cross_entropy(
+    jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights), z_loss=1e-2
+  )
   logp = log_softmax64(logits)
   nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
   logz = logits[..., 0] - logp[..., 0]  # log-sum-exp: any logit minus its log-probability
-  np.testing.assert_allclose(loss_sum, ((nll + 1e-2 * logz ** 2) * weights).sum(), rtol=1e-5)
+  np.testing.assert_allclose(loss_sum, ((nll + 1e-2 * logz**2) * weights).sum(), rtol=1e-5)
   assert float(count) == weights.sum()
 
 
@@ -110,13 +125,14 @@ def test_masked_positions_cannot_poison_the_loss():
   """Padding rows may hold NaN or inf logits; with weight 0 they add nothing, not NaN."""
   logits = np.zeros((1, 3, 4), np.float32)
   logits[0, 2] = np.nan
-  loss_sum, count, m = losses.cross_entropy(jnp.asarray(logits), jnp.zeros((1, 3), jnp.int32),
-                                            jnp.array([[1.0, 1.0, 0.0]]))
+  loss_sum, count, m = losses.cross_entropy(
+    jnp.asarray(logits), jnp.zeros((1, 3), jnp.int32), jnp.array([[1.0, 1.0, 0.0]])
+  )
   np.testing.assert_allclose(loss_sum, 2 * np.log(4), rtol=1e-6)
   assert float(count) == 2 and np.isfinite(float(m["accuracy"]))
-  grad = jax.grad(lambda x: losses.cross_entropy(x, jnp.zeros((1, 3), jnp.int32),
-                                                 jnp.array([[1.0, 1.0, 0.0]]))[0])(
-      jnp.asarray(logits))
+  grad = jax.grad(
+    lambda x: losses.cross_entropy(x, jnp.zeros((1, 3), jnp.int32), jnp.array([[1.0, 1.0, 0.0]]))[0]
+  )(jnp.asarray(logits))
   assert np.all(np.isfinite(grad)), "a masked NaN must not reach the gradient"
   np.testing.assert_array_equal(grad[0, 2], 0.0)
   np.testing.assert_allclose(grad[0, 0], [-0.75, 0.25, 0.25, 0.25], rtol=1e-6)
@@ -154,14 +170,16 @@ def test_checkpoint_from_one_device_restores_onto_fsdp8(tmp_path):
   for b in batches[:3]:
     state, _ = step(state, put(b))
   saver = ckpt.Checkpointer(str(tmp_path / "ck"), async_save=False)
-  saver.save(3, state, {"grain": 3, "config": {}}, {"note": "test"})
+  saver.save(3, {"model": state}, {"host": {"grain": 3}, "config": {"note": "test"}})
   saver.close()
   _, want = step(state, put(batches[3]))
 
   fresh, step8, put8, shardings8 = setup("fsdp")
-  restored, data_state = ckpt.Checkpointer(str(tmp_path / "ck")).restore(
-      3, ckpt.abstract_like(fresh, shardings8))
-  assert data_state["grain"] == 3
+  restored, items = ckpt.Checkpointer(str(tmp_path / "ck")).restore(
+    3, ckpt.abstract_like({"model": fresh}, {"model": shardings8})
+  )
+  restored = restored["model"]
+  assert items == {"host": {"grain": 3}, "config": {"note": "test"}}
   kernel = restored.params["blocks"][0]["mlp"]["up"]["kernel"]
   assert len(kernel.sharding.device_set) == 8
   assert kernel.addressable_shards[0].data.shape == (64 // 8, 128)
@@ -174,23 +192,30 @@ def test_checkpoint_from_one_device_restores_onto_fsdp8(tmp_path):
 
 @pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned"])
 def test_inference_load_of_an_fsdp8_checkpoint_lands_on_one_device(tmp_path, monkeypatch, scan):
-  """model.sample reads checkpoints saved under any layout onto one device, from a workdir
+  """train.sample reads checkpoints saved under any layout onto one device, from a workdir
   given relative to the current directory (as the demo prints it), with the tokenizer the
   checkpoint carries: the run's tokenizer directory is not needed."""
   import dataclasses
 
   from data.tokenizer import CharTokenizer, tokenizer_to_json
+
   model_cfg = dataclasses.replace(CFG, scan_layers=scan)
   state, step, put, _ = setup("fsdp", cfg=model_cfg)
   assert len(state.params["embed"]["table_VxD"].sharding.device_set) == 8
   tok = CharTokenizer(sorted(set("ROMEO: thou art")))
   saver = ckpt.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
-  saver.save(1, state, None, {"model": dataclasses.asdict(model_cfg),
-                              "data": {"add_bos": False}}, tokenizer_to_json(tok))
+  saver.save(
+    1,
+    {"model": state},
+    {
+      "config": {"model": dataclasses.asdict(model_cfg), "data": {"add_bos": False}},
+      "tokenizer": tokenizer_to_json(tok),
+    },
+  )
   saver.close()
   assert not (tmp_path / "tokenizer").exists()
   monkeypatch.chdir(tmp_path.parent)
-  cfg, data_cfg, params, got_tok = ckpt.load_for_inference(tmp_path.name)
+  cfg, data_cfg, params, got_tok = load_for_inference(tmp_path.name)
   assert cfg == model_cfg and data_cfg == {"add_bos": False}
   assert got_tok.chars == tok.chars and got_tok.vocab_size == tok.vocab_size
   assert jax.tree.structure(params) == jax.tree.structure(state.params)
@@ -206,22 +231,45 @@ def test_inference_load_names_parameters_the_checkpoint_lacks(tmp_path):
 
   state, *_ = setup("dp")
   saver = ckpt.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
-  saver.save(1, state, None, {"model": dataclasses.asdict(
-      dataclasses.replace(CFG, n_layers=CFG.n_layers + 1))}, {"kind": "char", "chars": ["a"]})
+  saver.save(
+    1,
+    {"model": state},
+    {
+      "config": {"model": dataclasses.asdict(dataclasses.replace(CFG, n_layers=CFG.n_layers + 1))},
+      "tokenizer": {"kind": "char", "chars": ["a"]},
+    },
+  )
   saver.close()
   with pytest.raises(ValueError, match=rf"missing from the checkpoint: \['blocks/{CFG.n_layers}/"):
-    ckpt.load_for_inference(str(tmp_path))
+    load_for_inference(str(tmp_path))
 
 
-def test_inference_load_falls_back_to_the_workdir_tokenizer(tmp_path):
-  """A checkpoint saved without a tokenizer (as earlier runs wrote them) takes the run's."""
+def test_inference_load_of_a_legacy_checkpoint_takes_the_workdir_tokenizer(tmp_path):
+  """A checkpoint as earlier runs wrote it (one TrainState under 'state', the data iterator
+  under 'data', no tokenizer) loads for inference, with the run's tokenizer, and resumes
+  into a stage of one state with its data state as host state."""
   import dataclasses
 
+  import orbax.checkpoint as ocp
+
   from data.tokenizer import CharTokenizer
+
   state, *_ = setup("dp")
-  saver = ckpt.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
-  saver.save(1, state, None, {"model": dataclasses.asdict(CFG)})
-  saver.close()
+  manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
+  args = {
+    "state": ocp.args.StandardSave(state),
+    "config": ocp.args.JsonSave({"model": dataclasses.asdict(CFG)}),
+    "data": ocp.args.JsonSave({"grain": 7}),
+  }
+  manager.save(1, args=ocp.args.Composite(**args))
+  manager.wait_until_finished()
+  manager.close()
   CharTokenizer(sorted(set("JULIET"))).save(tmp_path / "tokenizer")
-  *_, tok = ckpt.load_for_inference(str(tmp_path))
+  _, _, params, tok = load_for_inference(str(tmp_path))
   assert tok.chars == sorted(set("JULIET"))
+  jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state.params))
+  restored, items = ckpt.Checkpointer(str(tmp_path / "checkpoints")).restore(
+    1, {"model": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)}
+  )
+  assert items["host"] == {"data": {"grain": 7}}
+  jax.tree.map(np.testing.assert_array_equal, restored["model"].params, state.params)

@@ -1,0 +1,295 @@
+"""What a training stage is to the loop, and the pieces every stage builds the same way: the
+mesh, models (random or from weights) with their optimizers, and jitted steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from model.config import ModelConfig
+from train import distributed, optim, partitioning, weights
+from train import step as steplib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Loop settings; configs/base.py documents each field."""
+
+  steps: int = 1000
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 250
+  eval_batches: int = 0
+  checkpoint_every: int = 250
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  max_seconds: float = 0.0
+  z_loss: float = 0.0
+  peak_flops: float = 0.0
+  sample_prompt: str = ""
+  sample_tokens: int = 200
+  sample_temperature: float = 0.8
+  sample_top_k: int = 0
+  tensorboard: bool = True
+  progress: bool = True
+  init_from: str = ""
+  init_step: int = 0
+  init_state: str = ""
+
+
+def section(cls, values: Mapping[str, Any], name: str):
+  """A frozen dataclass from a config section, naming any field it does not know."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"config.{name} has unknown fields {unknown}; known: {sorted(known)}")
+  return cls(**dict(values))
+
+
+class Stage:
+  """What differs between stages (pretraining, SFT, reward model, PPO, DPO, GRPO). The loop
+  in train/loop.py owns what they share: compile, signals, logging, progress, checkpoint and
+  evaluation cadence, and the time limit.
+
+  A stage has `states` (name -> TrainState: one model and its optimizer each), their
+  `state_shardings`, and `steps` (name -> the one train step, jitted for that state). One
+  loop iteration runs `updates()`, which yields (state name, batch) pairs; the loop applies
+  that state's step to each, in order, and stores the new state back in `states` before it
+  asks for the next pair (so an RL stage can roll out with the policy it just updated).
+  """
+
+  name = "stage"
+  train_cfg: TrainConfig
+  tokenizer: Any = None
+  states: dict
+  state_shardings: dict
+  steps: dict
+  n_params: int = 0
+  tokens_per_iteration: int = 0  # for tokens/s; 0 when a stage has no such rate
+  flops_per_token: float = 0.0  # for MFU; 0 when unknown
+  echo_samples: bool = False  # print evaluation samples to the log, not only TensorBoard
+
+  def updates(self) -> Iterator[tuple[str, Any]]:
+    raise NotImplementedError
+
+  def iteration_metrics(self) -> dict[str, float]:
+    """Host-side figures of the iteration just run (rollout statistics, time split)."""
+    return {}
+
+  def host_state(self) -> dict:
+    """JSON that a resume needs besides the states: data iterators, controllers."""
+    return {}
+
+  def load_host_state(self, state: dict) -> None:
+    del state
+
+  def evaluate(self) -> dict[str, float]:
+    return {}
+
+  def samples(self, seed: int) -> dict[str, str]:
+    """Texts to show at each evaluation (TensorBoard tag -> text)."""
+    del seed
+    return {}
+
+  def models(self) -> dict[str, tuple[str, ModelConfig]]:
+    """State name -> (model kind, ModelConfig): written with every checkpoint."""
+    return {}
+
+  def checkpoint_items(self) -> dict[str, Any]:
+    """Other JSON a checkpoint carries (the chat template, ...)."""
+    return {}
+
+  def close(self) -> None:
+    pass
+
+
+def build_stage(config, workdir: str) -> Stage:
+  """The stage that `config.stage` names: a module with `build(config, workdir) -> Stage`."""
+  name = config.get("stage", "train.pretrain") or "train.pretrain"
+  try:
+    module = importlib.import_module(name)
+  except ModuleNotFoundError as e:
+    raise ValueError(
+      f"config.stage={name!r} names no module ({e}); stages are modules with a "
+      f"build(config, workdir) function, e.g. train.pretrain, train.sft"
+    ) from None
+  if not hasattr(module, "build"):
+    raise ValueError(f"config.stage={name!r}: module has no build(config, workdir) function")
+  return module.build(config, workdir)
+
+
+@dataclasses.dataclass
+class Mesh:
+  """The mesh and layout a run trains on."""
+
+  mesh: Any
+  rules: tuple
+  grad_reduce: str
+
+  def batch_sharding(self, ndim: int = 2):
+    return partitioning.batch_sharding(self.mesh, self.rules, ndim)
+
+  def check_batch(self, name: str, rows: int, grad_accum: int = 1):
+    """`rows` split over the batch's mesh axes (and microbatches) and over processes."""
+    partitioning.check_batch_size(rows, self.mesh, self.rules, grad_accum)
+    if rows % jax.process_count():
+      raise partitioning.PartitionError(
+        f"{name}={rows} must be divisible by the process count ({jax.process_count()})"
+      )
+
+  def shard(self, batch):
+    return partitioning.shard_batch(batch, self.mesh, self.rules)
+
+  def block(self, rows: int) -> tuple[int, int]:
+    """(block, blocks): which rows of a global batch this process reads."""
+    return distributed.batch_block(self.batch_sharding(), rows)
+
+
+def make_mesh(config) -> Mesh:
+  layout_name, sizes, grad_reduce = partitioning.split_mesh_config(config.mesh)
+  layout = partitioning.load_layout(layout_name, sizes)
+  return Mesh(partitioning.make_mesh(layout), layout.rules, grad_reduce)
+
+
+def init_source(train_cfg: TrainConfig) -> weights.Source | None:
+  """Where the stage's weights come from (train.init_from), or None for a random init."""
+  if not train_cfg.init_from:
+    return None
+  return weights.resolve(train_cfg.init_from, train_cfg.init_step, train_cfg.init_state)
+
+
+@dataclasses.dataclass
+class Model:
+  """One trained model: its structure, TrainState and shardings, and optimizer."""
+
+  kind: str
+  cfg: ModelConfig
+  graphdef: Any
+  state: steplib.TrainState
+  shardings: steplib.TrainState
+  optimizer: Any
+  opt_cfg: optim.OptimConfig
+
+  @property
+  def n_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
+
+
+def _loader(kind, cfg, mesh: Mesh, seed, source, head_init):
+  """load_params for step.init_sharded: reads `source` into the given shardings; a scalar
+  model from a language model gets the LM's trunk and a freshly initialised head."""
+
+  def load(param_shardings):
+    abstract = weights.abstract_params(kind, cfg)
+    target = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, param_shardings
+    )
+    params = weights.read_params(source, kind, target, cfg)
+    if kind == "scalar" and "head" not in params:
+      # Only the head leaves the jit: XLA drops the trunk's initialisation as dead code.
+      init = jax.jit(
+        lambda: nnx.to_pure_dict(nnx.split(weights.make_model(kind, cfg, seed, head_init))[1])[
+          "head"
+        ],
+        out_shardings=param_shardings["head"],
+      )
+      from model import axes
+
+      with axes.axis_rules(mesh.mesh, mesh.rules):
+        params = {**params, "head": init()}
+    return params
+
+  return load
+
+
+def build_model(
+  kind: str,
+  cfg: ModelConfig,
+  opt_cfg: optim.OptimConfig,
+  mesh: Mesh,
+  seed: int,
+  source: weights.Source | None = None,
+  head_init: str = "reward",
+) -> Model:
+  """A model and its optimizer state, built directly into their shardings: randomly
+  initialised, or with the weights of `source`, which no device ever holds whole."""
+  make = lambda: weights.make_model(kind, cfg, seed, head_init)
+  load = None if source is None else _loader(kind, cfg, mesh, seed, source, head_init)
+  graphdef, state, shardings, optimizer = steplib.init_sharded(
+    make, opt_cfg, mesh.mesh, mesh.rules, seed, mesh.grad_reduce, load_params=load
+  )
+  return Model(kind, cfg, graphdef, state, shardings, optimizer, opt_cfg)
+
+
+def frozen_params(kind: str, cfg: ModelConfig, mesh: Mesh, source: weights.Source):
+  """(graphdef, params, shardings) of a frozen model (a reference policy, a reward model):
+  parameters alone, no optimizer state, read straight into the layout's shardings."""
+  make = lambda: weights.make_model(kind, cfg, 0)
+  graphdef, _, shardings = partitioning.abstract_init(make, mesh.mesh, mesh.rules)
+  shardings = nnx.to_pure_dict(shardings)
+  params = _loader(kind, cfg, mesh, 0, source, "reward")(shardings)
+  return graphdef, params, shardings
+
+
+def train_step(model: Model, mesh: Mesh, batch_keys, loss_fn, count_name: str = "tokens"):
+  """The one train step, jitted for `model` with a batch of `batch_keys` (all sharded along
+  the batch)."""
+  batch_shardings = {k: mesh.batch_sharding() for k in batch_keys}
+  return steplib.jit_train_step(
+    model.shardings,
+    batch_shardings,
+    graphdef=model.graphdef,
+    loss_fn=loss_fn,
+    optimizer=model.optimizer,
+    lr_schedule=optim.schedule(model.opt_cfg),
+    grad_accum=model.opt_cfg.grad_accum,
+    mesh=mesh.mesh,
+    rules=mesh.rules,
+    grad_reduce=mesh.grad_reduce,
+    count_name=count_name,
+  )
+
+
+def eval_step(model: Model, mesh: Mesh, batch_keys, loss_fn):
+  batch_shardings = {k: mesh.batch_sharding() for k in batch_keys}
+  return steplib.jit_eval_step(
+    model.shardings.params,
+    batch_shardings,
+    graphdef=model.graphdef,
+    loss_fn=loss_fn,
+    mesh=mesh.mesh,
+    rules=mesh.rules,
+  )
+
+
+def sum_eval(eval_step_fn, params, batches, mesh: Mesh, max_batches: int = 0) -> dict:
+  """Sums of eval_step's outputs over host batches (each this process's rows), pairs summed
+  member by member."""
+  totals = None
+  for i, batch in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    out = jax.device_get(eval_step_fn(params, mesh.shard(batch)))
+    out = jax.tree.map(float, out)
+    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+  return totals or {"loss_sum": 0.0, "count": 0.0}
+
+
+def lm_eval_result(totals: dict) -> dict:
+  """An LM's evaluation from summed eval outputs: the loss without z-loss (comparable across
+  runs and with other codebases), perplexity, the token count and every other metric."""
+  totals = dict(totals)
+  count = max(totals.pop("count", 0.0), 1.0)
+  totals.pop("loss_sum", None)
+  loss = totals.pop("nll", 0.0) / count
+  result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+  for k, v in totals.items():
+    result[k] = v[0] / max(v[1], 1.0) if isinstance(v, tuple) else v / count
+  return result
