@@ -10,9 +10,12 @@ import numpy as np
 
 from data.pipeline import Batch, BatchIterator, shuffled_batches
 from data.sources import DataError, Messages, Preference
-from data.tokenizer import Tokenizer
+from data.tokenizer import END_TOKEN, ROLE_TOKENS, Tokenizer
 
 OVERFLOW = ("truncate", "drop")
+# What render_chat writes, saved with every chat checkpoint so that a checkpoint says how to
+# talk to it.
+CHAT_TEMPLATE = {"kind": "fromscratch", "roles": dict(ROLE_TOKENS), "end": END_TOKEN}
 
 
 def render_chat(
@@ -309,3 +312,36 @@ def prompt_iterator(
     records, tokenizer, max_prompt_len=max_prompt_len, field=field, overflow=overflow
   )
   return array_iterator(arrays, stats, kind="prompts", batch_size=batch_size, seed=seed, **kwargs)
+
+
+def split_held_out(examples: Sequence, fraction: float, seed: int) -> tuple[list, list]:
+  """(train, held out): a seeded random `fraction` of the examples held out, the rest in
+  their order. At least one example is held out when fraction > 0."""
+  if not 0.0 <= fraction < 1.0:
+    raise DataError(f"the held-out fraction must be in [0, 1), got {fraction}")
+  n = len(examples)
+  k = max(1, round(n * fraction)) if fraction > 0 else 0
+  if k >= n:
+    raise DataError(f"holding out {k} of {n} examples leaves none to train on")
+  held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
+  train = [e for i, e in enumerate(examples) if i not in held]
+  return train, [examples[i] for i in sorted(held)]
+
+
+def padded_batches(
+  arrays: dict[str, np.ndarray], batch_size: int, *, block: int = 0, blocks: int = 1
+) -> Iterable[Batch]:
+  """Every row in order, in global batches of `batch_size` (this process's `block` of each);
+  the last batch is filled with zero rows, which carry no loss (evaluation sees each row
+  once)."""
+  num_rows = len(next(iter(arrays.values())))
+  per = batch_size // blocks
+  for start in range(0, num_rows, batch_size):
+    batch = {}
+    for k, v in arrays.items():
+      rows = v[start : start + batch_size]
+      if len(rows) < batch_size:
+        pad = np.zeros((batch_size - len(rows),) + v.shape[1:], v.dtype)
+        rows = np.concatenate([rows, pad])
+      batch[k] = rows[block * per : (block + 1) * per]
+    yield batch

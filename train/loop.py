@@ -220,6 +220,8 @@ def train(config, workdir: str) -> dict:
   after = stage.samples(seed=step)
   for tag, text in after.items():
     writer.text(step, tag, text)
+    if stage.echo_samples and primary:
+      print(f"step {step} {tag}:\n{text}")
   if after:
     summary["sample_after"] = next(iter(after.values()))
   writer.close()

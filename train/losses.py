@@ -5,6 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from model.logprobs import token_logprobs
+
+__all__ = ["cross_entropy", "lm_loss", "token_logprobs"]
+
 
 def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL, z_loss: float = 0.0):
   """Token cross entropy summed over weighted positions, with optional z-loss (PaLM)."""
@@ -12,10 +16,10 @@ def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL, z_loss: float = 0.0):
   # Masked positions (padding) may hold inf or NaN logits; zero them before anything reads
   # them, so neither the loss nor its gradient can pick them up.
   logits_BxLxV = jnp.where(weights_BxL[..., None] > 0, logits_BxLxV.astype(jnp.float32), 0.0)
-  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  nll_BxL = logz_BxL - target_logit_BxL
-  loss_BxL = nll_BxL + z_loss * jnp.square(logz_BxL)
+  nll_BxL = -token_logprobs(logits_BxLxV, targets_BxL)
+  loss_BxL = nll_BxL
+  if z_loss:
+    loss_BxL = loss_BxL + z_loss * jnp.square(jax.nn.logsumexp(logits_BxLxV, axis=-1))
   correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
 
   def weighted_sum(x_BxL):

@@ -6,19 +6,31 @@ import pkgutil
 import pytest
 
 import configs.experiments
+from data.corpus import DataConfig
 from model.config import ModelConfig
 from tests.model.conftest import param_count
 from train.optim import OptimConfig
+from train.sft import SFTDataConfig
+from train.stage import TrainConfig, section
+from train.weights import RUNTIME_FIELDS
 
 NAMES = sorted(m.name for m in pkgutil.iter_modules(configs.experiments.__path__))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_experiment_config_is_valid(name):
+  """Each section becomes its dataclass: the stage's data config, the loop's, the model's
+  (whole, or only the runtime fields a run starting from weights may set)."""
   c = importlib.import_module(f"configs.experiments.{name}").get_config()
-  ModelConfig(**{**c.model, "vocab_size": c.model.vocab_size or c.data.vocab_size})
+  if c.train.init_from:
+    assert set(c.model) <= set(RUNTIME_FIELDS), "a run from weights sets only runtime fields"
+  else:
+    ModelConfig(**{**c.model, "vocab_size": c.model.vocab_size or c.data.vocab_size})
   opt = OptimConfig(**dict(c.opt, total_steps=c.train.steps))
   assert c.data.batch_size % opt.grad_accum == 0, "microbatches must split the batch evenly"
+  section(TrainConfig, c.train, "train")
+  data_config = {"train.pretrain": DataConfig, "train.sft": SFTDataConfig}[c.stage]
+  section(data_config, {**c.data, "path": c.data.get("path") or "given/by/the/test"}, "data")
 
 
 def test_gpt2_124m_is_gpt2_small_with_nanogpt_recipe():

@@ -1,5 +1,6 @@
 """Exact resume: a run stopped by SIGTERM or SIGINT, or killed with -9 after a checkpoint, and resumed
-has bitwise the losses and final parameters of an uninterrupted run (CPU), dropout included."""
+has bitwise the losses and final parameters of an uninterrupted run (CPU), dropout included:
+pretraining and SFT, each through the one loop."""
 
 import os
 import signal
@@ -12,18 +13,30 @@ import orbax.checkpoint as ocp
 import pytest
 
 from data import corpus
+from tests.train.test_sft import reversal_chats
 from train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 200
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-  """Token shards made once, shared by every run (so runs differ only in interruption)."""
-  root = tmp_path_factory.mktemp("prepared")
-  corpus.build(corpus.DataConfig(vocab_size=512, seq_len=32), str(root), progress=False)
-  return str(root / "data")
+@pytest.fixture(scope="module", params=["pretrain", "sft"])
+def prepared(request, tmp_path_factory):
+  """A stage's data made once, shared by every run (so runs differ only in interruption):
+  token shards for pretraining, a chat JSONL for SFT. Returns the command-line flags."""
+  root = tmp_path_factory.mktemp(f"prepared_{request.param}")
+  if request.param == "pretrain":
+    corpus.build(corpus.DataConfig(vocab_size=512, seq_len=32), str(root), progress=False)
+    return [
+      "--config=configs/experiments/tiny_test.py",
+      "--config.data.corpus=shards",
+      f"--config.data.path={root / 'data'}",
+    ]
+  reversal_chats(root / "chats.jsonl", 400, seed=0)
+  return [
+    "--config=configs/experiments/sft_tiny_test.py",
+    f"--config.data.path={root / 'chats.jsonl'}",
+  ]
 
 
 def start(workdir, prepared):
@@ -32,10 +45,8 @@ def start(workdir, prepared):
     sys.executable,
     "-m",
     "train.main",
-    "--config=configs/experiments/tiny_test.py",
+    *prepared,
     f"--workdir={workdir}",
-    "--config.data.corpus=shards",
-    f"--config.data.path={prepared}",
     f"--config.train.steps={STEPS}",
     "--config.train.checkpoint_every=10",
     "--config.train.keep_checkpoints=2",

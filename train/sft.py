@@ -1,0 +1,231 @@
+"""Supervised fine-tuning as a stage: chat JSONL, loss on assistant tokens and their end marker."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from data import chat, sources
+from data.sources import DataError
+from data.tokenizer import CharTokenizer, load_tokenizer, train_sentencepiece
+from model.sampling import Sampler, SamplingConfig, left_pad
+from train import checkpoint as ckpt
+from train import losses, metrics, optim
+from train import stage as stagelib
+from train.pretrain import LM_KEYS, check_query_blocks, lm_model_config
+
+TOKENIZERS = ("char", "bpe", "unigram")
+BUILTIN = "shakespeare"  # data.path naming the built-in dialogue chats of the plays
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTDataConfig:
+  """What SFT reads; configs/experiments/sft_*.py documents each field."""
+
+  path: str = ""
+  val_path: str = ""
+  val_fraction: float = 0.05
+  tokenizer: str = "char"
+  vocab_size: int = 2048
+  seq_len: int = 256
+  batch_size: int = 16
+  eval_batch_size: int = 16
+  pack: bool = True
+  overflow: str = "truncate"
+  seed: int = 0
+  worker_count: int = 0
+  eval_replies: int = 4
+  reply_tokens: int = 64
+
+  def __post_init__(self):
+    if not self.path:
+      raise DataError("data.path is empty: give the SFT chat JSONL (files, a directory or a glob)")
+    if self.tokenizer not in TOKENIZERS:
+      raise DataError(
+        f"data.tokenizer={self.tokenizer!r} is unknown; choose one of {', '.join(TOKENIZERS)}"
+      )
+    if self.overflow not in chat.OVERFLOW:
+      raise DataError(f"data.overflow={self.overflow!r}; choose one of {chat.OVERFLOW}")
+    for name in ("seq_len", "batch_size", "eval_batch_size", "vocab_size", "reply_tokens"):
+      if getattr(self, name) <= 0:
+        raise DataError(f"data.{name} must be > 0, got {getattr(self, name)}")
+
+
+def _tokenizer(dc: SFTDataConfig, source, texts, workdir: str):
+  """The tokenizer of the weights SFT starts from; from scratch, one trained on the chats'
+  text once and kept in workdir/tokenizer (so a resumed run reads the same ids)."""
+  if source is not None:
+    if source.tokenizer is None:
+      raise ValueError(
+        f"{source.describe()} comes without a tokenizer this project can read; start SFT from "
+        f"one of our workdirs"
+      )
+    return source.tokenizer
+  tok_dir = os.path.join(workdir, "tokenizer")
+  if os.path.isdir(tok_dir):
+    return load_tokenizer(tok_dir)
+  if dc.tokenizer == "char":
+    tok = CharTokenizer.from_text(texts)
+  else:
+    tok = train_sentencepiece(texts, vocab_size=dc.vocab_size, model_type=dc.tokenizer)
+  tok.save(tok_dir)
+  return tok
+
+
+def _chats(dc: SFTDataConfig) -> tuple[list, list]:
+  """(training chats, held-out chats) from data.path and data.val_path or data.val_fraction;
+  the built-in dialogue is held out by play, as pretraining splits the plays."""
+  if dc.path == BUILTIN:
+    return list(sources.shakespeare_dialogue("train")), list(sources.shakespeare_dialogue("val"))
+  examples = list(sources.read_chat(dc.path))
+  if dc.val_path:
+    return examples, list(sources.read_chat(dc.val_path))
+  return chat.split_held_out(examples, dc.val_fraction, dc.seed)
+
+
+def _texts(examples) -> list[str]:
+  return [m["content"] for messages in examples for m in messages]
+
+
+def _reply_prompts(examples, n: int):
+  """(conversation before the last assistant turn, that turn's text) of up to n examples."""
+  out = []
+  for messages in examples:
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is not None:
+      out.append((messages[:last], messages[last]["content"]))
+    if len(out) == n:
+      break
+  return out
+
+
+class SFT(stagelib.Stage):
+  """One language model ('model') fine-tuned on chats; evaluation is the held-out loss and
+  greedy replies to held-out prompts (with their exact-match rate)."""
+
+  name = "sft"
+  echo_samples = True
+
+  def __init__(self, config, workdir: str):
+    self.train_cfg = tc = stagelib.section(stagelib.TrainConfig, config.train, "train")
+    self.data_cfg = dc = stagelib.section(SFTDataConfig, config.data, "data")
+    check_query_blocks(config, dc.seq_len)
+    source = stagelib.init_source(tc)
+    train, held_out = _chats(dc)
+    self.tokenizer = _tokenizer(dc, source, _texts(train + held_out), workdir)
+    self.model_cfg = lm_model_config(config, self.tokenizer, source, dc.seq_len)
+    opt_fields = dict(config.opt)
+    opt_fields["total_steps"] = opt_fields.get("total_steps") or tc.steps
+    self.opt_cfg = stagelib.section(optim.OptimConfig, opt_fields, "opt")
+
+    self.mesh = stagelib.make_mesh(config)
+    self.mesh.check_batch("data.batch_size", dc.batch_size, self.opt_cfg.grad_accum)
+    self.mesh.check_batch("data.eval_batch_size", dc.eval_batch_size)
+    self.train_arrays, self.train_stats = chat.pack_sft(
+      train, self.tokenizer, seq_len=dc.seq_len, overflow=dc.overflow, pack=dc.pack
+    )
+    self.val_arrays, self.val_stats = (
+      chat.pack_sft(held_out, self.tokenizer, seq_len=dc.seq_len, overflow=dc.overflow)
+      if held_out
+      else (None, {})
+    )
+    self.replies = _reply_prompts(held_out, dc.eval_replies)
+    self.model = stagelib.build_model(
+      "lm", self.model_cfg, self.opt_cfg, self.mesh, tc.seed, source
+    )
+    self.graphdef = self.model.graphdef
+    self.states = {"model": self.model.state}
+    self.state_shardings = {"model": self.model.shardings}
+    self.n_params = self.model.n_params
+    loss_fn = lambda model, batch, rng: losses.lm_loss(model, batch, rng, z_loss=tc.z_loss)
+    self.steps = {"model": stagelib.train_step(self.model, self.mesh, LM_KEYS, loss_fn)}
+    self.eval_step = stagelib.eval_step(self.model, self.mesh, LM_KEYS, loss_fn)
+    self.tokens_per_iteration = dc.batch_size * dc.seq_len
+    self.flops_per_token = metrics.flops_per_token(self.model_cfg, self.n_params, dc.seq_len)
+    block, blocks = self.mesh.block(dc.batch_size)
+    self._it = chat.array_iterator(
+      self.train_arrays,
+      self.train_stats,
+      kind="sft",
+      batch_size=dc.batch_size // blocks,
+      seed=dc.seed,
+      process_index=block,
+      process_count=blocks,
+      worker_count=dc.worker_count,
+    )
+    self.sampler = Sampler(self.graphdef)
+
+  @property
+  def params(self):
+    return self.states["model"].params
+
+  def updates(self):
+    yield "model", self.mesh.shard(next(self._it))
+
+  def host_state(self) -> dict:
+    return {"data": self._it.get_state()}
+
+  def load_host_state(self, state: dict) -> None:
+    if "data" in state:
+      self._it.set_state(ckpt.data_state_for_this_process(state["data"], self._it.get_state()))
+
+  def models(self):
+    return {"model": ("lm", self.model_cfg)}
+
+  def checkpoint_items(self):
+    return {"chat_template": chat.CHAT_TEMPLATE}
+
+  def reply(self, conversations, params=None, max_new_tokens: int | None = None) -> list[str]:
+    """Greedy assistant replies to conversations (message lists), decoded up to <|end|>."""
+    tok = self.tokenizer
+    prompts = [chat.render_prompt(tok, messages) for messages in conversations]
+    n = max_new_tokens or self.data_cfg.reply_tokens
+    if self.model_cfg.position == "learned":
+      n = min(n, self.model_cfg.max_seq_len - max(len(p) for p in prompts))
+    cfg = SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=tok.end_id, pad_id=tok.pad_id)
+    tokens, mask = left_pad(prompts, tok.pad_id)
+    params = self.params if params is None else params
+    out = self.sampler(params, tokens, mask, jax.random.PRNGKey(0), cfg)
+    replies = []
+    for ids, live in zip(np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)):
+      ids = [int(t) for t in ids[live > 0]]
+      replies.append(tok.decode(ids[: ids.index(tok.end_id)] if tok.end_id in ids else ids))
+    return replies
+
+  def evaluate(self, params=None) -> dict:
+    """The held-out loss (on assistant tokens) and greedy replies' exact-match rate."""
+    if self.val_arrays is None:
+      return {}
+    dc = self.data_cfg
+    block, blocks = self.mesh.block(dc.eval_batch_size)
+    batches = chat.padded_batches(self.val_arrays, dc.eval_batch_size, block=block, blocks=blocks)
+    params = self.params if params is None else params
+    totals = stagelib.sum_eval(
+      self.eval_step, params, batches, self.mesh, self.train_cfg.eval_batches
+    )
+    result = stagelib.lm_eval_result(totals)
+    if self.replies:
+      got = self.reply([c for c, _ in self.replies], params)
+      result["reply_exact_match"] = float(np.mean([g == w for g, (_, w) in zip(got, self.replies)]))
+    return result
+
+  def samples(self, seed: int) -> dict[str, str]:
+    del seed  # replies are greedy
+    if not self.replies:
+      return {}
+    got = self.reply([c for c, _ in self.replies])
+    lines = []
+    for (conversation, want), reply in zip(self.replies, got):
+      lines.append(f"{conversation[-1]['role']}: {conversation[-1]['content']!r}")
+      lines.append(f"  reply: {reply!r}  (reference {want!r})")
+    return {"replies": "\n".join(lines)}
+
+  def close(self):
+    self._it.close()
+
+
+def build(config, workdir: str) -> SFT:
+  return SFT(config, workdir)
