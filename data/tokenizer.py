@@ -16,6 +16,7 @@ from data.sources import DataError
 # Chat role markers used by the SFT template; each encodes to a single id.
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"
+UNKNOWN = "\ufffd"  # what an id outside the vocabulary decodes to
 SPECIAL_PIECES = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 _META_FILE = "tokenizer.json"
 _SP_MODEL_FILE = "sentencepiece.model"
@@ -64,7 +65,18 @@ class SentencePieceTokenizer(_Specials):
     return self._sp.encode(list(texts), add_bos=bos, add_eos=eos)
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
+    # A model's vocabulary may be padded past the tokenizer's (GPT-2's 50257 to 50304): such
+    # ids decode to U+FFFD, visibly, as sentencepiece shows unknown bytes.
+    out, run = [], []
+    for i in map(int, ids):
+      if i == self.pad_id:
+        continue
+      if 0 <= i < self.vocab_size:
+        run.append(i)
+      else:
+        out.append(self._sp.decode(run) + UNKNOWN)
+        run = []
+    return "".join(out) + self._sp.decode(run)
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
@@ -130,7 +142,10 @@ class CharTokenizer(_Specials):
     return ([self.bos_id] if bos else []) + out + ([self.eos_id] if eos else [])
 
   def decode(self, ids: Sequence[int]) -> str:
-    return "".join(self._itos[int(i)] for i in ids if int(i) != self.pad_id)
+    n = len(self._itos)  # ids past it (a padded model vocabulary) show as U+FFFD
+    return "".join(
+      self._itos[i] if 0 <= i < n else UNKNOWN for i in map(int, ids) if i != self.pad_id
+    )
 
   def save(self, directory: str | os.PathLike) -> None:
     os.makedirs(directory, exist_ok=True)
