@@ -106,6 +106,65 @@ def test_accumulated_loss_weights_tokens_not_microbatches():
   np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
 
 
+def test_metrics_carry_their_own_denominators():
+  """A loss may report a metric per sequence, as a (sum, count) pair, next to per-token ones:
+  under accumulation over 4 microbatches the step reports sum / count of the pair over the
+  whole batch, per-token metrics over the loss's count, and that count under the name the
+  stage gives it. References: NumPy over the same batch."""
+  big = make_batch(8, seed=4)
+  big["loss_mask"][:, 10:] = 0.0
+  big["loss_mask"][1::2, 4:] = 0.0  # odd rows count 4 tokens, even rows 10
+
+  def loss_fn(model, batch, rng):
+    loss_sum, count, m = losses.lm_loss(model, batch, rng)
+    tokens_B = batch["loss_mask"].sum(axis=1)
+    long_B = (tokens_B > 5).astype(jnp.float32)
+    # Per sequence: the share of rows that are long; per token: the mask itself.
+    m["long_rows"] = (long_B.sum(), jnp.float32(batch["loss_mask"].shape[0]))
+    m["masked_share"] = batch["loss_mask"].sum()
+    return loss_sum, count, m
+
+  layout = partitioning.load_layout("dp", {})
+  mesh = partitioning.make_mesh(layout, jax.devices()[:1])
+  opt_cfg = optim.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10, grad_accum=4)
+  graphdef, state, shardings, optimizer = steplib.init_sharded(
+    lambda: Transformer(CFG, rngs=nnx.Rngs(0)), opt_cfg, mesh, layout.rules, seed=0
+  )
+  batch_sh = {k: partitioning.batch_sharding(mesh, layout.rules) for k in big}
+  step = steplib.jit_train_step(
+    shardings,
+    batch_sh,
+    graphdef=graphdef,
+    loss_fn=loss_fn,
+    optimizer=optimizer,
+    lr_schedule=optim.schedule(opt_cfg),
+    grad_accum=4,
+    mesh=mesh,
+    rules=layout.rules,
+    count_name="assistant_tokens",
+  )
+  _, m = step(state, partitioning.shard_batch(big, mesh, layout.rules))
+  tokens = big["loss_mask"].sum()
+  assert float(m["assistant_tokens"]) == tokens == 4 * 10 + 4 * 4
+  assert "tokens" not in m
+  assert float(m["long_rows"]) == 0.5  # 4 of 8 rows, not divided by the token count
+  assert float(m["masked_share"]) == 1.0
+
+
+def test_token_logprobs_at_a_temperature_match_numpy():
+  """The one logprob: log softmax(logits / T)[target] for any leading shape; T = 0 (greedy)
+  scores at T = 1."""
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(2, 3, 11)).astype(np.float32) * 3
+  targets = rng.integers(0, 11, size=(2, 3))
+  for t in (0.7, 1.0, 1.3):
+    want = np.take_along_axis(log_softmax64(logits / t), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(losses.token_logprobs(logits, targets, t), want, rtol=1e-5)
+  np.testing.assert_array_equal(
+    losses.token_logprobs(logits, targets, 0.0), losses.token_logprobs(logits, targets, 1.0)
+  )
+
+
 def test_cross_entropy_matches_numpy():
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
