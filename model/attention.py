@@ -1,4 +1,5 @@
 """Causal self-attention: MHA/GQA/MQA, RoPE, segment and padding masks, and a KV cache."""
+
 from __future__ import annotations
 
 import math
@@ -26,11 +27,15 @@ class KVCache(NamedTuple):
   index: jax.Array
 
   @classmethod
-  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
     dtype = cfg.compute_dtype if dtype is None else dtype
     shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-               jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+    return cls(
+      jnp.zeros(shape, dtype),
+      jnp.zeros(shape, dtype),
+      jnp.zeros((batch, length), jnp.int32),
+      jnp.zeros((), jnp.int32),
+    )
 
 
 def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
@@ -47,8 +52,9 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
   return out.astype(x_BxLxHxK.dtype)
 
 
-def make_mask(q_segment_BxL: jax.Array, kv_segment_BxT: jax.Array, q_slot_L: jax.Array,
-              kv_slot_T: jax.Array) -> jax.Array:
+def make_mask(
+  q_segment_BxL: jax.Array, kv_segment_BxT: jax.Array, q_slot_L: jax.Array, kv_slot_T: jax.Array
+) -> jax.Array:
   """True where a query may attend a key: same non-zero segment, key slot not in the future.
 
   Slots order tokens in time (causality); segments separate packed documents and padding,
@@ -60,10 +66,17 @@ def make_mask(q_segment_BxL: jax.Array, kv_segment_BxT: jax.Array, q_slot_L: jax
   return same_BxLxT & real_Bx1xT & causal_LxT[None]
 
 
-def attend(q_BxLxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
-           mask_BxLxT: jax.Array, impl: str = "xla", dropout_rate: float = 0.0,
-           dropout_rng: jax.Array | None = None, dropout_prng: str = "threefry",
-           query_blocks: int = 1) -> jax.Array:
+def attend(
+  q_BxLxHxK: jax.Array,
+  k_BxTxGxK: jax.Array,
+  v_BxTxGxK: jax.Array,
+  mask_BxLxT: jax.Array,
+  impl: str = "xla",
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
+  dropout_prng: str = "threefry",
+  query_blocks: int = 1,
+) -> jax.Array:
   """Softmax attention with float32 logits.
 
   impl 'xla' is our einsum path; 'cudnn' and 'jax' call jax.nn.dot_product_attention (its cuDNN
@@ -86,9 +99,14 @@ def attend(q_BxLxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
   scale = 1.0 / math.sqrt(k)
   drop = dropout_rng is not None and dropout_rate > 0.0
   if impl in ("cudnn", "jax") and not drop:
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxTxGxK, v_BxTxGxK,
-                                        mask=mask_BxLxT[:, None], scale=scale,
-                                        implementation="xla" if impl == "jax" else impl)
+    return jax.nn.dot_product_attention(
+      q_BxLxHxK,
+      k_BxTxGxK,
+      v_BxTxGxK,
+      mask=mask_BxLxT[:, None],
+      scale=scale,
+      implementation="xla" if impl == "jax" else impl,
+    )
   q_BxGxRxLxK = q_BxLxHxK.reshape(b, l, g, h // g, k).transpose(0, 2, 3, 1, 4)
   k_BxGxTxK = k_BxTxGxK.transpose(0, 2, 1, 3)
   v_BxGxTxK = v_BxTxGxK.transpose(0, 2, 1, 3)
@@ -102,17 +120,26 @@ def attend(q_BxLxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
   for j in range(query_blocks):  # static: every block is its own pair of matmuls
     lo, hi = j * size, (j + 1) * size
     end = hi if query_blocks > 1 else t  # keys after the block's last query are never visible
-    logits_BxGxRxLxT = jnp.einsum("bgrlk,bgtk->bgrlt", q_BxGxRxLxK[:, :, :, lo:hi],
-                                  k_BxGxTxK[:, :, :end],
-                                  preferred_element_type=jnp.float32) * scale
-    logits_BxGxRxLxT = jnp.where(mask_BxLxT[:, None, None, lo:hi, :end], logits_BxGxRxLxT,
-                                 big_neg)
+    logits_BxGxRxLxT = (
+      jnp.einsum(
+        "bgrlk,bgtk->bgrlt",
+        q_BxGxRxLxK[:, :, :, lo:hi],
+        k_BxGxTxK[:, :, :end],
+        preferred_element_type=jnp.float32,
+      )
+      * scale
+    )
+    logits_BxGxRxLxT = jnp.where(mask_BxLxT[:, None, None, lo:hi, :end], logits_BxGxRxLxT, big_neg)
     probs_BxGxRxLxT = jax.nn.softmax(logits_BxGxRxLxT, axis=-1)
     if drop:  # jax.random masks are drawn whole for each block; XLA keeps one copy (CSE)
-      probs_BxGxRxLxT = dropout(probs_BxGxRxLxT, dropout_rate, dropout_rng, dropout_prng,
-                                (0, 0, 0, lo, 0), full_shape)
-    outs.append(jnp.einsum("bgrlt,bgtk->bgrlk", probs_BxGxRxLxT.astype(v_BxTxGxK.dtype),
-                           v_BxGxTxK[:, :, :end]))
+      probs_BxGxRxLxT = dropout(
+        probs_BxGxRxLxT, dropout_rate, dropout_rng, dropout_prng, (0, 0, 0, lo, 0), full_shape
+      )
+    outs.append(
+      jnp.einsum(
+        "bgrlt,bgtk->bgrlk", probs_BxGxRxLxT.astype(v_BxTxGxK.dtype), v_BxGxTxK[:, :, :end]
+      )
+    )
   out_BxGxRxLxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)
 
@@ -142,11 +169,19 @@ class Attention(nnx.Module):
     self.q = Dense((d,), (h, k), (axes.EMBED,), (axes.HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
     self.k = Dense((d,), (g, k), (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
     self.v = Dense((d,), (g, k), (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
-    self.o = Dense((h, k), (d,), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), cfg, rngs=rngs,
-                   std=out_std)
+    self.o = Dense(
+      (h, k), (d,), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), cfg, rngs=rngs, std=out_std
+    )
 
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_BxLxT: jax.Array,
-               kv=None, index=None, dropout_rng=None):
+  def __call__(
+    self,
+    x_BxLxD: jax.Array,
+    positions_BxL: jax.Array,
+    mask_BxLxT: jax.Array,
+    kv=None,
+    index=None,
+    dropout_rng=None,
+  ):
     """Returns the attention output and, when `kv` = (k cache, v cache, layer) of all layers is
     given, the updated caches. `dropout_rng` (training only) drops attention probabilities."""
     q_BxLxHxK = self.q(x_BxLxD)
@@ -155,16 +190,23 @@ class Attention(nnx.Module):
     if self.position == "rope":
       q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
       k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
-    q_BxLxHxK = axes.constrain(q_BxLxHxK, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS,
-                                           None))
+    q_BxLxHxK = axes.constrain(q_BxLxHxK, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
     kv_names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None)
 
     def attend_keys(k_BxTxGxK, v_BxTxGxK, mask_BxLxT, query_blocks):
       k_BxTxGxK = axes.constrain(k_BxTxGxK, kv_names)
       v_BxTxGxK = axes.constrain(v_BxTxGxK, kv_names)
-      return attend(q_BxLxHxK, k_BxTxGxK.astype(q_BxLxHxK.dtype),
-                    v_BxTxGxK.astype(q_BxLxHxK.dtype), mask_BxLxT, self.impl,
-                    self.dropout_rate, dropout_rng, self.dropout_prng, query_blocks)
+      return attend(
+        q_BxLxHxK,
+        k_BxTxGxK.astype(q_BxLxHxK.dtype),
+        v_BxTxGxK.astype(q_BxLxHxK.dtype),
+        mask_BxLxT,
+        self.impl,
+        self.dropout_rate,
+        dropout_rng,
+        self.dropout_prng,
+        query_blocks,
+      )
 
     if kv is None:
       return self.o(attend_keys(k_BxLxGxK, v_BxLxGxK, mask_BxLxT, self.query_blocks)), None
@@ -173,9 +215,11 @@ class Attention(nnx.Module):
     k_NxBxGxTxK, v_NxBxGxTxK, layer = kv
     start = (layer, 0, 0, index, 0)
     k_NxBxGxTxK = jax.lax.dynamic_update_slice(
-        k_NxBxGxTxK, k_BxLxGxK.transpose(0, 2, 1, 3)[None].astype(k_NxBxGxTxK.dtype), start)
+      k_NxBxGxTxK, k_BxLxGxK.transpose(0, 2, 1, 3)[None].astype(k_NxBxGxTxK.dtype), start
+    )
     v_NxBxGxTxK = jax.lax.dynamic_update_slice(
-        v_NxBxGxTxK, v_BxLxGxK.transpose(0, 2, 1, 3)[None].astype(v_NxBxGxTxK.dtype), start)
+      v_NxBxGxTxK, v_BxLxGxK.transpose(0, 2, 1, 3)[None].astype(v_NxBxGxTxK.dtype), start
+    )
     b, l = q_BxLxHxK.shape[:2]
     _, _, g, t, k = k_NxBxGxTxK.shape
 
@@ -185,10 +229,12 @@ class Attention(nnx.Module):
         # Back to (batch, slot, head) for attend, which transposes to heads-major again: the
         # two transposes cancel, and the einsums read the cache's own layout.
         return attend_keys(
-            jax.lax.dynamic_slice(k_NxBxGxTxK, at, size)[0].transpose(0, 2, 1, 3),
-            jax.lax.dynamic_slice(v_NxBxGxTxK, at, size)[0].transpose(0, 2, 1, 3),
-            mask_BxLxT[:, :, :length],
-            1)  # queries are not the first slots of the keys
+          jax.lax.dynamic_slice(k_NxBxGxTxK, at, size)[0].transpose(0, 2, 1, 3),
+          jax.lax.dynamic_slice(v_NxBxGxTxK, at, size)[0].transpose(0, 2, 1, 3),
+          mask_BxLxT[:, :, :length],
+          1,
+        )  # queries are not the first slots of the keys
+
       return run
 
     # Keys after slot index + l - 1 are never visible, so only the shortest listed prefix
@@ -199,6 +245,9 @@ class Attention(nnx.Module):
       out_BxLxHxK = prefix(t)(*operands)
     else:
       which = jnp.searchsorted(jnp.asarray(lengths, jnp.int32), index + l)
-      out_BxLxHxK = jax.lax.switch(which, [prefix(n) for n in lengths],  # clamps `which`
-                                   *operands)
+      out_BxLxHxK = jax.lax.switch(
+        which,
+        [prefix(n) for n in lengths],  # clamps `which`
+        *operands,
+      )
     return self.o(out_BxLxHxK), (k_NxBxGxTxK, v_NxBxGxTxK)

@@ -1,5 +1,6 @@
 """`make demo`: train a tokenizer and a small model on the built-in corpus, sample before and
 after, plot the loss, and say where everything went."""
+
 from __future__ import annotations
 
 import os
@@ -20,25 +21,30 @@ def main(workdir: str = "runs/demo") -> None:
   config.train.max_seconds = 300.0
   if os.path.exists(workdir):  # the demo always starts from scratch
     shutil.rmtree(workdir)
-  print(f"fromscratch demo: tokenizer + {config.train.steps}-step pretraining on Shakespeare's "
-        f"plays (built-in corpus), workdir {workdir}\n")
+  print(
+    f"fromscratch demo: tokenizer + {config.train.steps}-step pretraining on Shakespeare's "
+    f"plays (built-in corpus), workdir {workdir}\n"
+  )
   summary = loop.train(config, workdir)
   print("\n=== sample before training ===\n" + summary["sample_before"])
   print("\n=== sample after training ===\n" + summary["sample_after"])
-  print(f"\nparameters: {summary['params']:,}; steps: {summary['final_step']}; "
-        f"train time {summary['train_seconds']:.0f} s; "
-        f"{summary['tokens_per_s']:.0f} tokens/s; val loss {summary['val_loss']:.3f}")
+  print(
+    f"\nparameters: {summary['params']:,}; steps: {summary['final_step']}; "
+    f"train time {summary['train_seconds']:.0f} s; "
+    f"{summary['tokens_per_s']:.0f} tokens/s; val loss {summary['val_loss']:.3f}"
+  )
   print(f"\nwhere everything went ({os.path.abspath(workdir)}):")
-  for name, what in (("tokenizer/", "the trained sentencepiece tokenizer"),
-                     ("data/", "token shards of train and validation"),
-                     ("checkpoints/", "orbax checkpoints (resume: run again with train.main)"),
-                     ("metrics.jsonl", "every logged metric"),
-                     ("tensorboard/", "TensorBoard scalars: tensorboard --logdir " + workdir),
-                     ("loss.png", "the loss curve"),
-                     ("summary.json", "the run's summary")):
+  for name, what in (
+    ("tokenizer/", "the trained sentencepiece tokenizer"),
+    ("data/", "token shards of train and validation"),
+    ("checkpoints/", "orbax checkpoints (resume: run again with train.main)"),
+    ("metrics.jsonl", "every logged metric"),
+    ("tensorboard/", "TensorBoard scalars: tensorboard --logdir " + workdir),
+    ("loss.png", "the loss curve"),
+    ("summary.json", "the run's summary"),
+  ):
     print(f"  {name:<14} {what}")
-  print(f"\nsample again: .venv/bin/python -m model.sample --workdir={workdir} "
-        f"--prompt='ROMEO:'")
+  print(f"\nsample again: .venv/bin/python -m train.sample --workdir={workdir} --prompt='ROMEO:'")
 
 
 if __name__ == "__main__":

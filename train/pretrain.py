@@ -168,7 +168,7 @@ class Pretrain(stagelib.Stage):
     )
     tokens, mask = left_pad([prompt], tok.pad_id)
     if self.sampler is None:
-      self.sampler = Sampler(self.graphdef)
+      self.sampler = Sampler(self.graphdef, self.mesh.mesh, self.mesh.rules)
     out = self.sampler(params, tokens, mask, jax.random.PRNGKey(seed), sampling)
     generated = np.asarray(out.tokens_BxN[0])[np.asarray(out.mask_BxN[0]) > 0]
     return tc.sample_prompt + tok.decode([int(t) for t in generated])

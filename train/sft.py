@@ -93,7 +93,7 @@ def _texts(examples) -> list[str]:
 def _reply_prompts(examples, n: int):
   """(conversation before the last assistant turn, that turn's text) of up to n examples."""
   out = []
-  for messages in examples:
+  for messages in examples if n > 0 else []:
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is not None:
       out.append((messages[:last], messages[last]["content"]))
@@ -156,7 +156,7 @@ class SFT(stagelib.Stage):
       process_count=blocks,
       worker_count=dc.worker_count,
     )
-    self.sampler = Sampler(self.graphdef)
+    self.sampler = Sampler(self.graphdef, self.mesh.mesh, self.mesh.rules)
 
   @property
   def params(self):

@@ -1,4 +1,7 @@
 """The KV-cache sampler against slow full-forward references."""
+
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,12 +22,12 @@ def slow_greedy(model, prompt, n, eos=None):
   seq = list(prompt)
   for _ in range(n):
     buf = np.zeros((1, len(prompt) + n), np.int32)
-    buf[0, :len(seq)] = seq
+    buf[0, : len(seq)] = seq
     nxt = int(jnp.argmax(forward(params, buf)[0, len(seq) - 1]))
     seq.append(nxt)
     if nxt == eos:
       break
-  return seq[len(prompt):]
+  return seq[len(prompt) :]
 
 
 @pytest.mark.parametrize("name,scan", [("tiny", False), ("tiny_gpt2", True)])
@@ -35,15 +38,21 @@ def test_greedy_matches_slow_loop_and_stops_at_eos(name, scan):
   refs = [slow_greedy(model, p, n) for p in PROMPTS]
   eos = refs[0][2]  # row 0 (and any row that makes this token) stops there
   toks, mask = left_pad(PROMPTS, pad_id=0)
-  out = Sampler(graphdef)(params, toks, mask, jax.random.key(0),
-                          SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos))
+  out = Sampler(graphdef)(
+    params,
+    toks,
+    mask,
+    jax.random.key(0),
+    SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos),
+  )
   for row, prompt in enumerate(PROMPTS):
     want = slow_greedy(model, prompt, n, eos=eos)
     got = np.asarray(out.tokens_BxN[row])
-    np.testing.assert_array_equal(got[:len(want)], want, err_msg=f"row {row}")
-    assert np.all(got[len(want):] == 0), "pad after EOS"
-    np.testing.assert_array_equal(np.asarray(out.mask_BxN[row]),
-                                  [1] * len(want) + [0] * (n - len(want)))
+    np.testing.assert_array_equal(got[: len(want)], want, err_msg=f"row {row}")
+    assert np.all(got[len(want) :] == 0), "pad after EOS"
+    np.testing.assert_array_equal(
+      np.asarray(out.mask_BxN[row]), [1] * len(want) + [0] * (n - len(want))
+    )
   assert int(out.mask_BxN[0].sum()) == refs[0].index(eos) + 1
 
 
@@ -58,7 +67,7 @@ def test_logprobs_equal_teacher_forced_recomputation():
   pos = jnp.maximum(jnp.cumsum(full_mask, axis=1) - 1, 0)
   logits = model(full, pos, full_mask)
   p = toks.shape[1]
-  logp = jax.nn.log_softmax(logits[:, p - 1:-1] / cfg.temperature, axis=-1)
+  logp = jax.nn.log_softmax(logits[:, p - 1 : -1] / cfg.temperature, axis=-1)
   want = jnp.take_along_axis(logp, out.tokens_BxN[..., None], axis=-1)[..., 0]
   m = np.asarray(out.mask_BxN, bool)
   np.testing.assert_allclose(np.asarray(out.logprobs_BxN)[m], np.asarray(want)[m], atol=1e-4)
@@ -126,6 +135,7 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
   logits = jnp.array([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
   cfg = SamplingConfig(max_new_tokens=1, temperature=0.8, top_k=4)
   from model.sampling import _pick
+
   keys = jax.random.split(jax.random.key(0), 20000)
   draws = jax.vmap(lambda k: _pick(k, logits, cfg)[0][0])(keys)
   freq = np.bincount(np.asarray(draws), minlength=6) / 20000
@@ -138,8 +148,13 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
 def test_bad_prompts_and_configs():
   with pytest.raises(ValueError, match="at least one token"):
     left_pad([[1], []], 0)
-  for field, value in (("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1), ("top_k", -1),
-                       ("max_new_tokens", 0)):
+  for field, value in (
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+    ("temperature", -0.1),
+    ("top_k", -1),
+    ("max_new_tokens", 0),
+  ):
     with pytest.raises(ValueError, match=rf"SamplingConfig\.{field} must be .*got {value}"):
       SamplingConfig(**{field: value})
   model = build("tiny_gpt2")
@@ -149,3 +164,44 @@ def test_bad_prompts_and_configs():
     Sampler(graphdef)(params, toks[:, ::-1], mask[:, ::-1], jax.random.key(0), SamplingConfig())
   with pytest.raises(ValueError, match="max_seq_len"):
     Sampler(graphdef)(params, toks, mask, jax.random.key(0), SamplingConfig(max_new_tokens=64))
+
+
+@pytest.mark.parametrize("name,scan", [("tiny", False), ("tiny_gpt2", True)])
+def test_stream_yields_the_tokens_of_call(name, scan):
+  """Prefill plus one jitted pick-and-decode per token, on a prompt padded to its bucket, gives
+  the tokens `__call__` gives for the same rng, and stops after yielding eos."""
+  model = build(name, scan_layers=scan)
+  graphdef, params = nnx.split(model)
+  sampler = Sampler(graphdef, bucket=8)
+  for cfg in (
+    SamplingConfig(max_new_tokens=10, temperature=0.0),
+    SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=50, top_p=0.9),
+  ):
+    for prompt in PROMPTS:
+      toks, mask = left_pad([prompt], pad_id=0)
+      want = np.asarray(sampler(params, toks, mask, jax.random.key(4), cfg).tokens_BxN[0])
+      got = list(sampler.stream(params, toks, mask, jax.random.key(4), cfg))
+      np.testing.assert_array_equal(got, want, err_msg=f"{cfg} {prompt}")
+      eos = int(want[3])
+      stop = dataclasses.replace(cfg, eos_id=eos)
+      got = list(sampler.stream(params, toks, mask, jax.random.key(4), stop))
+      assert got == want[: list(want).index(eos) + 1].tolist(), "up to and including eos"
+  # Prompts of 1 to 6 tokens share one bucket (8 slots) and one cache (24 slots): one prefill,
+  # and one step per picking rule. A budget of 9 still fits 24 slots: nothing recompiles.
+  assert sampler._prefill._cache_size() == 1
+  assert sampler._step._cache_size() == 2
+  short = dataclasses.replace(cfg, max_new_tokens=9)
+  assert len(list(sampler.stream(params, toks, mask, jax.random.key(4), short))) == 9
+  assert (sampler._prefill._cache_size(), sampler._step._cache_size()) == (1, 2)
+
+
+def test_stream_checks_its_prompt_before_running():
+  graphdef, params = nnx.split(build("tiny_gpt2"))
+  toks, mask = left_pad(PROMPTS, 0)
+  sampler = Sampler(graphdef)
+  with pytest.raises(ValueError, match="one prompt"):
+    sampler.stream(params, toks, mask, jax.random.key(0), SamplingConfig())
+  with pytest.raises(ValueError, match="max_seq_len"):
+    sampler.stream(params, toks[:1], mask[:1], jax.random.key(0), SamplingConfig(62))
+  with pytest.raises(ValueError, match="left-padded"):
+    sampler.stream(params, toks[:1, ::-1], mask[:1, ::-1], jax.random.key(0), SamplingConfig(8))

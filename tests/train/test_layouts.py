@@ -284,7 +284,8 @@ def test_flat_grad_reduce_is_one_all_reduce_of_one_vector():
 @pytest.mark.parametrize("name,sizes,devices", [("tp", {"tensor": 4}, 4), ("dp_fsdp_tp", {}, 8)])
 def test_sampling_on_a_layout_matches_one_device(name, sizes, devices):
   """Prefill and bucketed KV-cache decode (kv_bucket 2: a switch between cache prefixes) on
-  sharded parameters, inside the layout's axis rules, pick one device's greedy tokens."""
+  sharded parameters, with the layout's axis rules given to the sampler, pick one device's
+  greedy tokens."""
   from model.sampling import Sampler, SamplingConfig
 
   cfg = CFG.replace(kv_bucket=2)
@@ -299,7 +300,6 @@ def test_sampling_on_a_layout_matches_one_device(name, sizes, devices):
   graphdef, sharded, _ = partitioning.sharded_init(
     lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh, layout.rules
   )
-  with axes.axis_rules(mesh, layout.rules):
-    got = Sampler(graphdef)(sharded, prompts, mask, jax.random.key(0), scfg)
+  got = Sampler(graphdef, mesh, layout.rules)(sharded, prompts, mask, jax.random.key(0), scfg)
   np.testing.assert_array_equal(np.asarray(got.tokens_BxN), np.asarray(want.tokens_BxN))
   np.testing.assert_allclose(np.asarray(got.logprobs_BxN), np.asarray(want.logprobs_BxN), atol=1e-4)

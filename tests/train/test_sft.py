@@ -65,7 +65,9 @@ def test_sft_learns_to_reverse_words_from_scratch(tmp_path):
   t0 = time.perf_counter()
   summary = loop.train(config, str(tmp_path / "run"))
   seconds = time.perf_counter() - t0
-  _, _, params, _ = load_for_inference(str(tmp_path / "run"))
+  # Read onto the stage's mesh, as a sharded evaluation would.
+  mesh = before.mesh
+  _, _, params, _ = load_for_inference(str(tmp_path / "run"), mesh=mesh.mesh, rules=mesh.rules)
   got = exact_match(before, held_out, params)
   assert got >= 0.9, f"held-out exact match {got:.2f} after SFT (val loss {summary['val_loss']})"
   assert seconds < 120, f"SFT took {seconds:.0f} s"

@@ -1,5 +1,6 @@
 """Command line: sample from a run's latest checkpoint, e.g.
-python -m model.sample --workdir=DIR --prompt='ROMEO:'."""
+python -m train.sample --workdir=DIR --prompt='ROMEO:'."""
+
 from __future__ import annotations
 
 from absl import app, flags, logging
@@ -25,20 +26,24 @@ def main(argv):
 
   from model.sampling import Sampler, SamplingConfig, left_pad
   from model.transformer import Transformer
-  from train import checkpoint
+  from train.weights import load_for_inference
 
-  model_cfg, data_cfg, params, tok = checkpoint.load_for_inference(_WORKDIR.value, _STEP.value)
+  model_cfg, data_cfg, params, tok = load_for_inference(_WORKDIR.value, _STEP.value)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
   prompt = tok.encode(_PROMPT.value, bos=data_cfg.get("add_bos", True)) or [tok.bos_id]
-  budget = (model_cfg.max_seq_len - len(prompt) if model_cfg.position == "learned"
-            else _TOKENS.value)
+  budget = model_cfg.max_seq_len - len(prompt) if model_cfg.position == "learned" else _TOKENS.value
   if budget <= 0:
-    raise app.UsageError(f"the prompt has {len(prompt)} tokens; the model's max_seq_len is "
-                         f"{model_cfg.max_seq_len}")
-  cfg = SamplingConfig(max_new_tokens=min(_TOKENS.value, budget),
-                       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                       eos_id=tok.eos_id if data_cfg.get("add_eos", True) else None,
-                       pad_id=tok.pad_id)
+    raise app.UsageError(
+      f"the prompt has {len(prompt)} tokens; the model's max_seq_len is {model_cfg.max_seq_len}"
+    )
+  cfg = SamplingConfig(
+    max_new_tokens=min(_TOKENS.value, budget),
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    eos_id=tok.eos_id if data_cfg.get("add_eos", True) else None,
+    pad_id=tok.pad_id,
+  )
   tokens, mask = left_pad([prompt] * _NUM.value, tok.pad_id)
   out = Sampler(graphdef)(params, tokens, mask, jax.random.PRNGKey(_SEED.value), cfg)
   for row in range(_NUM.value):
