@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
 
 from data import chat, sources
 from data.sources import DataError
-from data.tokenizer import CharTokenizer, load_tokenizer, train_sentencepiece
 from model.sampling import Sampler, SamplingConfig, left_pad
 from train import checkpoint as ckpt
 from train import losses, metrics, optim
 from train import stage as stagelib
 from train.pretrain import LM_KEYS, check_query_blocks, lm_model_config
 
-TOKENIZERS = ("char", "bpe", "unigram")
 BUILTIN = "shakespeare"  # data.path naming the built-in dialogue chats of the plays
 
 
@@ -43,36 +40,15 @@ class SFTDataConfig:
   def __post_init__(self):
     if not self.path:
       raise DataError("data.path is empty: give the SFT chat JSONL (files, a directory or a glob)")
-    if self.tokenizer not in TOKENIZERS:
+    if self.tokenizer not in stagelib.TOKENIZERS:
       raise DataError(
-        f"data.tokenizer={self.tokenizer!r} is unknown; choose one of {', '.join(TOKENIZERS)}"
+        f"data.tokenizer={self.tokenizer!r} is unknown; choose one of {', '.join(stagelib.TOKENIZERS)}"
       )
     if self.overflow not in chat.OVERFLOW:
       raise DataError(f"data.overflow={self.overflow!r}; choose one of {chat.OVERFLOW}")
     for name in ("seq_len", "batch_size", "eval_batch_size", "vocab_size", "reply_tokens"):
       if getattr(self, name) <= 0:
         raise DataError(f"data.{name} must be > 0, got {getattr(self, name)}")
-
-
-def _tokenizer(dc: SFTDataConfig, source, texts, workdir: str):
-  """The tokenizer of the weights SFT starts from; from scratch, one trained on the chats'
-  text once and kept in workdir/tokenizer (so a resumed run reads the same ids)."""
-  if source is not None:
-    if source.tokenizer is None:
-      raise ValueError(
-        f"{source.describe()} comes without a tokenizer this project can read; start SFT from "
-        f"one of our workdirs"
-      )
-    return source.tokenizer
-  tok_dir = os.path.join(workdir, "tokenizer")
-  if os.path.isdir(tok_dir):
-    return load_tokenizer(tok_dir)
-  if dc.tokenizer == "char":
-    tok = CharTokenizer.from_text(texts)
-  else:
-    tok = train_sentencepiece(texts, vocab_size=dc.vocab_size, model_type=dc.tokenizer)
-  tok.save(tok_dir)
-  return tok
 
 
 def _chats(dc: SFTDataConfig) -> tuple[list, list]:
@@ -115,7 +91,9 @@ class SFT(stagelib.Stage):
     check_query_blocks(config, dc.seq_len)
     source = stagelib.init_source(tc)
     train, held_out = _chats(dc)
-    self.tokenizer = _tokenizer(dc, source, _texts(train + held_out), workdir)
+    self.tokenizer = stagelib.stage_tokenizer(
+      dc.tokenizer, dc.vocab_size, source, _texts(train + held_out), workdir
+    )
     self.model_cfg = lm_model_config(config, self.tokenizer, source, dc.seq_len)
     opt_fields = dict(config.opt)
     opt_fields["total_steps"] = opt_fields.get("total_steps") or tc.steps

@@ -158,6 +158,35 @@ def make_mesh(config) -> Mesh:
   return Mesh(partitioning.make_mesh(layout), layout.rules, grad_reduce)
 
 
+TOKENIZERS = ("char", "bpe", "unigram")
+
+
+def stage_tokenizer(kind: str, vocab_size: int, source, texts, workdir: str):
+  """The tokenizer of the weights a stage starts from; from scratch, one trained on the
+  stage's texts once (`kind`: char, bpe or unigram) and kept in workdir/tokenizer, so a
+  resumed run reads the same ids."""
+  import os
+
+  from data.tokenizer import CharTokenizer, load_tokenizer, train_sentencepiece
+
+  if source is not None:
+    if source.tokenizer is None:
+      raise ValueError(
+        f"{source.describe()} comes without a tokenizer this project can read; start from "
+        f"one of our workdirs"
+      )
+    return source.tokenizer
+  tok_dir = os.path.join(workdir, "tokenizer")
+  if os.path.isdir(tok_dir):
+    return load_tokenizer(tok_dir)
+  if kind == "char":
+    tok = CharTokenizer.from_text(texts)
+  else:
+    tok = train_sentencepiece(texts, vocab_size=vocab_size, model_type=kind)
+  tok.save(tok_dir)
+  return tok
+
+
 def init_source(train_cfg: TrainConfig) -> weights.Source | None:
   """Where the stage's weights come from (train.init_from), or None for a random init."""
   if not train_cfg.init_from:
