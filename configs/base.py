@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = 0  # size of the data axis; 0 keeps the layout's, -1 fills the devices
   c.mesh.fsdp = 0  # size of the fsdp axis; as above
   c.mesh.tensor = 0  # size of the tensor axis; as above
+  c.mesh.devices = 0  # devices the mesh spans, the first N (0: all of them)
   # Gradient reduction across devices. xla: jit's partitioner reduces each parameter's gradient
   # after its matmul. flat: pure data parallelism only (replicated parameters); each device
   # computes its shard's gradients and one all-reduce sums them all as one flat vector, which

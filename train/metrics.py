@@ -132,15 +132,20 @@ def plot_losses(metrics_path: str, out_png: str) -> str:
 
   rows = read_metrics(metrics_path)
   fig, ax = plt.subplots(figsize=(7, 4))
+  # Each loss a stage logs: "loss", or one per state ("policy/loss", "critic/loss").
+  names = sorted({k for r in rows for k in r if k == "loss" or k.endswith("/loss")})
   for split, style in (("train", "-"), ("val", "o-")):
-    pts = [(r["step"], r["loss"]) for r in rows if r.get("split") == split and "loss" in r]
-    if pts:
-      steps, losses = zip(*sorted(dict(pts).items()))
-      ax.plot(steps, losses, style, label=split, markersize=4)
+    for name in names:
+      pts = [(r["step"], r[name]) for r in rows if r.get("split") == split and name in r]
+      if pts:
+        steps, losses = zip(*sorted(dict(pts).items()))
+        label = split if name == "loss" else f"{split} {name}"
+        ax.plot(steps, losses, style, label=label, markersize=4)
   ax.set_xlabel("step")
-  ax.set_ylabel("loss (nats/token)")
+  ax.set_ylabel("loss" if names != ["loss"] else "loss (nats/token)")
   ax.grid(alpha=0.3)
-  ax.legend()
+  if names:
+    ax.legend()
   fig.tight_layout()
   fig.savefig(out_png, dpi=120)
   plt.close(fig)

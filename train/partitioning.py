@@ -34,6 +34,7 @@ class Layout:
 def split_mesh_config(mesh_cfg: Mapping) -> tuple[str, dict, str]:
   """config.mesh -> (layout name, axis size overrides, grad_reduce)."""
   sizes = dict(mesh_cfg)
+  sizes.pop("devices", None)  # how many devices, not an axis size
   return sizes.pop("layout"), sizes, sizes.pop("grad_reduce", "xla")
 
 

@@ -155,7 +155,13 @@ class Mesh:
 def make_mesh(config) -> Mesh:
   layout_name, sizes, grad_reduce = partitioning.split_mesh_config(config.mesh)
   layout = partitioning.load_layout(layout_name, sizes)
-  return Mesh(partitioning.make_mesh(layout), layout.rules, grad_reduce)
+  count = int(config.mesh.get("devices", 0) or 0)
+  if count < 0 or count > jax.device_count():
+    raise partitioning.PartitionError(
+      f"mesh.devices={count}: there are {jax.device_count()} devices (0 uses them all)"
+    )
+  devices = jax.devices()[:count] if count else None
+  return Mesh(partitioning.make_mesh(layout, devices), layout.rules, grad_reduce)
 
 
 TOKENIZERS = ("char", "bpe", "unigram")

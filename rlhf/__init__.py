@@ -1,0 +1,1 @@
+"""Post-training from preferences and rewards: the reward model, PPO, DPO and GRPO stages."""

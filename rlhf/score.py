@@ -1,0 +1,108 @@
+"""Scoring a rollout once, before any update: old and reference logprobs, values and the
+reward model's score, then per-token rewards and advantages. Frozen models appear only here."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes
+from model.logprobs import token_logprobs
+from model.transformer import last_token_values
+from rlhf.gae import gae, masked_mean, masked_var, whiten
+from rlhf.kl import kl_estimate
+from rlhf.objectives import response_logits, response_values
+
+
+def sequence_scores(model, batch):
+  """A scalar model's value at each sequence's last real token (its EOS when it stopped),
+  found from the mask, never from a pad id."""
+  values_BxL = model(batch["tokens"], batch["positions"], batch["mask"])
+  return last_token_values(values_BxL, batch["mask"])
+
+
+def forward(
+  policy, ref, critic, reward, batch, *, graphdefs, temperature: float, exact_kl: bool, mesh, rules
+):
+  """The rollout's forward passes: policy (old) and reference logprobs of each response token,
+  the critic's values and the reward model's score (zeros for a model that is None)."""
+  with axes.axis_rules(mesh, rules):
+    n = batch["response_mask"].shape[1]
+    targets = batch["tokens"][:, -n:]
+    policy_logits = response_logits(nnx.merge(graphdefs["policy"], policy), batch)
+    ref_logits = response_logits(nnx.merge(graphdefs["ref"], ref), batch)
+    out = {
+      "old_logprobs": token_logprobs(policy_logits, targets, temperature),
+      "ref_logprobs": token_logprobs(ref_logits, targets, temperature),
+    }
+    zeros = jnp.zeros(targets.shape, jnp.float32)
+    out["values"] = (
+      zeros if critic is None else response_values(nnx.merge(graphdefs["critic"], critic), batch)
+    )
+    out["rm_scores"] = (
+      zeros[:, 0]
+      if reward is None
+      else sequence_scores(nnx.merge(graphdefs["reward"], reward), batch)
+    )
+    if exact_kl:  # sum over the vocabulary of pi (log pi - log ref), at the same temperature
+      t = temperature if temperature not in (0.0,) else 1.0
+      logp = jax.nn.log_softmax(policy_logits / t, axis=-1)
+      logq = jax.nn.log_softmax(ref_logits / t, axis=-1)
+      out["exact_kl"] = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+  return out
+
+
+def jit_forward(graphdefs, mesh, rules, temperature: float, exact_kl: bool):
+  return jax.jit(
+    functools.partial(
+      forward,
+      graphdefs=graphdefs,
+      temperature=temperature,
+      exact_kl=exact_kl,
+      mesh=mesh,
+      rules=rules,
+    )
+  )
+
+
+def advantages(
+  old_logprobs_BxN,
+  ref_logprobs_BxN,
+  values_BxN,
+  scores_B,
+  mask_BxN,
+  beta,
+  *,
+  kl_estimator: str,
+  whiten_rewards: bool,
+  gamma: float,
+  lam: float,
+):
+  """Per-token rewards -beta * KL estimate, plus the sequence's score on its last response
+  token (the EOS when it stopped); optionally whitened without shifting their mean. Then GAE
+  and advantages whitened over the response tokens. Returns a dict of [B, N] arrays and the
+  per-sequence summed KL."""
+  mask = mask_BxN.astype(jnp.float32)
+  kl_BxN = kl_estimate(old_logprobs_BxN, ref_logprobs_BxN, kl_estimator) * mask
+  n = mask.shape[1]
+  last_B = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
+  at_last_BxN = (jnp.arange(n)[None, :] == last_B[:, None]).astype(jnp.float32)
+  rewards_BxN = -beta * kl_BxN + scores_B[:, None] * at_last_BxN
+  if whiten_rewards:
+    rewards_BxN = whiten(rewards_BxN, mask, shift_mean=False)
+  adv_BxN, returns_BxN = gae(rewards_BxN, values_BxN, mask, gamma, lam)
+  explained = 1.0 - masked_var(returns_BxN - values_BxN, mask) / jnp.maximum(
+    masked_var(returns_BxN, mask), 1e-8
+  )
+  return {
+    "advantages": whiten(adv_BxN, mask),
+    "returns": returns_BxN,
+    "rewards": rewards_BxN,
+    "kl_B": jnp.sum(kl_BxN, axis=1),
+    "returns_mean": masked_mean(returns_BxN, mask),
+    "returns_var": masked_var(returns_BxN, mask),
+    "explained_variance": explained,
+  }
