@@ -53,7 +53,9 @@ def _block_fn(graphdef, cfg: ModelConfig, positions_BxL, mask_BxLxT, index):
 class Transformer(nnx.Module):
   """Decoder-only transformer. `lm_head=False` builds the trunk alone (for scalar heads)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+  def __init__(
+    self, cfg: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True, value_head: bool = False
+  ):
     self.config = cfg
     self.embed = Embed(cfg, rngs=rngs)
     if cfg.position == "learned":
@@ -89,6 +91,13 @@ class Transformer(nnx.Module):
       else None
     )
     self.has_lm_head = lm_head
+    # A policy that is its own critic (PPO with a shared trunk): a scalar head on the same
+    # hidden states, at zero so the first advantages are the rewards themselves.
+    self.value_head = (
+      Dense((cfg.d_model,), (1,), (axes.EMBED,), (None,), cfg, rngs=rngs, std=0.0, use_bias=True)
+      if value_head
+      else None
+    )
 
   def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
     return KVCache.zeros(self.config, batch, length, dtype)
@@ -176,6 +185,13 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, dropout_rng=None):
     h_BxLxD, _ = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_rng=dropout_rng)
     return self.logits(h_BxLxD)
+
+  def logits_and_values(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
+    """LM logits and the value head's value per position, from one forward pass."""
+    if self.value_head is None:
+      raise ValueError("this Transformer was built without a value head (value_head=True)")
+    h_BxLxD, _ = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL)
+    return self.logits(h_BxLxD), self.value_head(h_BxLxD)[..., 0].astype(jnp.float32)
 
   def decode(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: KVCache):
     """Runs L new tokens against the cache: (logits_BxLxV, updated cache)."""

@@ -30,9 +30,10 @@ def response_values(model, batch):
   """The critic's value for each response token, read from the hidden state one position
   before it (the state the token is chosen from)."""
   n = batch["response_mask"].shape[1]
-  tokens_BxL = batch["tokens"]
-  values_BxL = model(tokens_BxL[:, :-1], batch["positions"][:, :-1], batch["mask"][:, :-1])
-  return values_BxL[:, -n:]
+  args = (batch["tokens"][:, :-1], batch["positions"][:, :-1], batch["mask"][:, :-1])
+  if getattr(model, "value_head", None) is not None:  # a policy that is its own critic
+    return model.logits_and_values(*args)[1][:, -n:]
+  return model(*args)[:, -n:]
 
 
 def entropy(logits_BxNxV, temperature: float):
@@ -121,5 +122,41 @@ def ppo_value_loss_fn(cfg):
     )
     metrics = {"value_loss": jnp.sum(loss), "value_clip_fraction": jnp.sum(clipped)}
     return cfg.vf_coef * jnp.sum(loss), jnp.sum(mask), metrics
+
+  return loss_fn
+
+
+def ppo_shared_loss_fn(cfg):
+  """loss_fn(model, batch, rng) of a policy that is its own critic (one trunk, an LM head and a
+  value head): the clipped policy loss plus vf_coef times the clipped value loss, from one
+  forward pass."""
+
+  def loss_fn(model, batch, rng):
+    del rng
+    n = batch["response_mask"].shape[1]
+    mask = batch["response_mask"].astype(jnp.float32)
+    args = (batch["tokens"][:, :-1], batch["positions"][:, :-1], batch["mask"][:, :-1])
+    logits, values = model.logits_and_values(*args)
+    logits, values = logits[:, -n:], values[:, -n:]
+    logp = token_logprobs(logits, batch["tokens"][:, -n:], cfg.temperature)
+    pg, token_m = clipped_policy_loss(
+      logp,
+      batch["old_logprobs"],
+      batch["advantages"],
+      mask,
+      cfg.clip,
+      cfg.clip,
+      cfg.dual_clip,
+      cfg.logratio_clamp,
+    )
+    vf, clipped = clipped_value_loss(
+      values, batch["old_values"], batch["returns"], mask, cfg.value_clip
+    )
+    metrics = {k: jnp.sum(v) for k, v in token_m.items()}
+    metrics["entropy"] = jnp.sum(entropy(logits, cfg.temperature) * mask)
+    metrics["policy_loss"] = jnp.sum(pg)
+    metrics["value_loss"] = jnp.sum(vf)
+    metrics["value_clip_fraction"] = jnp.sum(clipped)
+    return jnp.sum(pg) + cfg.vf_coef * jnp.sum(vf), jnp.sum(mask), metrics
 
   return loss_fn

@@ -16,7 +16,7 @@ from data.tokenizer import tokenizer_to_json
 from model.sampling import Sampler, SamplingConfig
 from rlhf import rewards, rollout
 from rlhf.kl import CONTROLLERS, ESTIMATORS, KLController
-from rlhf.objectives import ppo_policy_loss_fn, ppo_value_loss_fn
+from rlhf.objectives import ppo_policy_loss_fn, ppo_shared_loss_fn, ppo_value_loss_fn
 from rlhf.score import advantages, jit_forward
 from train import optim, weights
 from train import stage as stagelib
@@ -24,7 +24,8 @@ from train.pretrain import lm_model_config
 
 POLICY_KEYS = ("tokens", "positions", "mask", "response_mask", "old_logprobs", "advantages")
 CRITIC_KEYS = ("tokens", "positions", "mask", "response_mask", "old_values", "returns")
-CRITICS = ("separate",)
+SHARED_KEYS = POLICY_KEYS + ("old_values", "returns")
+CRITICS = ("separate", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,12 +140,16 @@ class PPO(stagelib.Stage):
       rl.batch_size // rl.minibatches,
       self.opt_cfg.grad_accum,
     )
-    self.policy = stagelib.build_model("lm", self.model_cfg, self.opt_cfg, mesh, tc.seed, source)
+    self.shared = rl.critic == "shared"
+    kind = "lm_value" if self.shared else "lm"
+    self.policy = stagelib.build_model(kind, self.model_cfg, self.opt_cfg, mesh, tc.seed, source)
     graphdefs = {"policy": self.policy.graphdef, "ref": self.policy.graphdef}
     if source is None:  # the reference is the policy's initial weights
       self.ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(self.policy.state.params)
     else:
-      _, self.ref_params, _ = stagelib.frozen_params("lm", self.model_cfg, mesh, source)
+      graphdefs["ref"], self.ref_params, _ = stagelib.frozen_params(
+        "lm", self.model_cfg, mesh, source
+      )
 
     self.reward_fn, self.reward_params, self.norm = None, None, {"gain": 1.0, "bias": 0.0}
     rm_source = None
@@ -163,23 +168,32 @@ class PPO(stagelib.Stage):
       )
       self.norm = dict(rm_source.items.get("reward_norm", self.norm))
 
-    critic_source = weights.resolve(rl.critic_from) if rl.critic_from else (rm_source or source)
-    critic_cfg = (
-      self.model_cfg
-      if critic_source is None
-      else dataclasses.replace(critic_source.model_cfg, **no_dropout)
-    )
-    self.critic = stagelib.build_model(
-      "scalar", critic_cfg, self.opt_cfg, mesh, tc.seed + 1, critic_source, head_init="zero"
-    )
-    graphdefs["critic"] = self.critic.graphdef
-    self.states = {"policy": self.policy.state, "critic": self.critic.state}
-    self.state_shardings = {"policy": self.policy.shardings, "critic": self.critic.shardings}
+    if self.shared:  # the policy's value head is the critic
+      self.critic = None
+      graphdefs["critic"] = self.policy.graphdef
+      self.states = {"policy": self.policy.state}
+      self.state_shardings = {"policy": self.policy.shardings}
+      self.steps = {
+        "policy": stagelib.train_step(self.policy, mesh, SHARED_KEYS, ppo_shared_loss_fn(rl))
+      }
+    else:
+      critic_source = weights.resolve(rl.critic_from) if rl.critic_from else (rm_source or source)
+      critic_cfg = (
+        self.model_cfg
+        if critic_source is None
+        else dataclasses.replace(critic_source.model_cfg, **no_dropout)
+      )
+      self.critic = stagelib.build_model(
+        "scalar", critic_cfg, self.opt_cfg, mesh, tc.seed + 1, critic_source, head_init="zero"
+      )
+      graphdefs["critic"] = self.critic.graphdef
+      self.states = {"policy": self.policy.state, "critic": self.critic.state}
+      self.state_shardings = {"policy": self.policy.shardings, "critic": self.critic.shardings}
+      self.steps = {
+        "policy": stagelib.train_step(self.policy, mesh, POLICY_KEYS, ppo_policy_loss_fn(rl)),
+        "critic": stagelib.train_step(self.critic, mesh, CRITIC_KEYS, ppo_value_loss_fn(rl)),
+      }
     self.n_params = self.policy.n_params
-    self.steps = {
-      "policy": stagelib.train_step(self.policy, mesh, POLICY_KEYS, ppo_policy_loss_fn(rl)),
-      "critic": stagelib.train_step(self.critic, mesh, CRITIC_KEYS, ppo_value_loss_fn(rl)),
-    }
     exact = self.model_cfg.vocab_size <= rl.exact_kl_vocab
     self.forward = jit_forward(graphdefs, mesh.mesh, mesh.rules, rl.temperature, exact)
     self.advantages = jax.jit(
@@ -218,6 +232,8 @@ class PPO(stagelib.Stage):
     )
 
   def models(self):
+    if self.shared:
+      return {"policy": ("lm_value", self.model_cfg)}
     return {"policy": ("lm", self.model_cfg), "critic": ("scalar", self.critic.cfg)}
 
   def rollout(self, prompts) -> tuple[rollout.Rollout, dict]:
@@ -245,7 +261,7 @@ class PPO(stagelib.Stage):
     """The rollout batch the updates read, on the mesh, and the iteration's figures."""
     rl = self.rl
     batch = self.mesh.shard(out.device_batch())
-    critic = self.states["critic"].params
+    critic = self.states["policy" if self.shared else "critic"].params
     # Scored in minibatches of the update's size: memory stays that of one minibatch, and the
     # first update of an iteration recomputes its logprobs with the same shapes.
     size = rl.batch_size // rl.minibatches
@@ -312,8 +328,11 @@ class PPO(stagelib.Stage):
       order = np.random.default_rng([rl.seed, self.iteration, epoch]).permutation(rl.batch_size)
       for k in range(rl.minibatches):
         mb = self.take(full, jnp.asarray(order[k * size : (k + 1) * size]))
-        yield "policy", {key: mb[key] for key in POLICY_KEYS}
-        yield "critic", {key: mb[key] for key in CRITIC_KEYS}
+        if self.shared:
+          yield "policy", {key: mb[key] for key in SHARED_KEYS}
+        else:
+          yield "policy", {key: mb[key] for key in POLICY_KEYS}
+          yield "critic", {key: mb[key] for key in CRITIC_KEYS}
     jax.block_until_ready(self.states)
     t3 = time.perf_counter()
     self.kl.update(figures["kl"], rl.batch_size)

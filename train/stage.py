@@ -227,18 +227,19 @@ def _loader(kind, cfg, mesh: Mesh, seed, source, head_init):
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, param_shardings
     )
     params = weights.read_params(source, kind, target, cfg)
-    if kind == "scalar" and "head" not in params:
+    fresh = {"scalar": "head", "lm_value": "value_head"}.get(kind)
+    if fresh and fresh not in params:
       # Only the head leaves the jit: XLA drops the trunk's initialisation as dead code.
       init = jax.jit(
         lambda: nnx.to_pure_dict(nnx.split(weights.make_model(kind, cfg, seed, head_init))[1])[
-          "head"
+          fresh
         ],
-        out_shardings=param_shardings["head"],
+        out_shardings=param_shardings[fresh],
       )
       from model import axes
 
       with axes.axis_rules(mesh.mesh, mesh.rules):
-        params = {**params, "head": init()}
+        params = {**params, fresh: init()}
     return params
 
   return load

@@ -16,7 +16,8 @@ from model.config import ModelConfig
 from model.transformer import ScalarModel, Transformer
 from train import checkpoint as ckpt
 
-KINDS = ("lm", "scalar")
+KINDS = ("lm", "scalar", "lm_value")  # lm_value: an LM with a value head (a shared critic)
+LM_KINDS = ("lm", "lm_value")
 # Model fields a run may set on weights it starts from: how the model runs, not what it is.
 RUNTIME_FIELDS = (
   "dropout",
@@ -39,6 +40,8 @@ def make_model(kind: str, cfg: ModelConfig, seed: int, head_init: str = "reward"
     return Transformer(cfg, rngs=nnx.Rngs(seed))
   if kind == "scalar":
     return ScalarModel(cfg, rngs=nnx.Rngs(seed), head_init=head_init)
+  if kind == "lm_value":
+    return Transformer(cfg, rngs=nnx.Rngs(seed), value_head=True)
   raise ValueError(f"model kind {kind!r} is unknown; choose one of {KINDS}")
 
 
@@ -123,7 +126,7 @@ def _resolve_workdir(workdir: str, step: int, state: str) -> Source:
   if models is None:  # written before checkpoints said which state holds which model
     models = {"model": {"kind": "lm", "model": dict(config["model"])}}
   if not state:
-    lms = [n for n, m in models.items() if m["kind"] == "lm"]
+    lms = [n for n, m in models.items() if m["kind"] in LM_KINDS]
     state = lms[0] if len(lms) == 1 else (next(iter(models)) if len(models) == 1 else "")
     if not state:
       raise ValueError(f"{directory} step {step} holds models {sorted(models)}: name one")
@@ -237,21 +240,23 @@ def read_params(source: Source, kind: str, target: dict, cfg: ModelConfig) -> di
   """The source's parameters for a `kind` model, into `target`'s shardings. A scalar model
   started from a language model takes its trunk and keeps `target`'s head (which the caller
   fills: a fresh one); the returned tree then lacks 'head'."""
-  if kind == "lm" and source.kind == "scalar":
+  if kind in LM_KINDS and source.kind == "scalar":
     raise ValueError(
       f"{source.describe()} holds a scalar-head (reward or value) model; a language model "
       f"cannot start from it"
     )
-  if kind == "scalar" and source.kind == "lm":
+  if kind == "scalar" and source.kind in LM_KINDS:
     want = target["trunk"]
-  else:
+  elif kind == "lm_value" and source.kind == "lm":
+    want = {k: v for k, v in target.items() if k != "value_head"}
+  else:  # an LM from an LM with a value head reads all but that head
     want = target
   if source.format == "hf":
     got = _read_hf(source, want, cfg.scan_layers)
   else:
     got = _read_checkpoint(source, want)
   got = jax.tree.map(lambda x, t: x.astype(t.dtype), got, want)
-  return {"trunk": got} if want is not target else got
+  return {"trunk": got} if kind == "scalar" and source.kind in LM_KINDS else got
 
 
 def load_for_inference(
@@ -264,13 +269,14 @@ def load_for_inference(
   from train import partitioning
 
   source = resolve(workdir, step or 0, state)
-  abstract = abstract_params(source.kind, source.model_cfg)
+  kind = "lm" if source.kind == "lm_value" else source.kind  # the policy without its critic
+  abstract = abstract_params(kind, source.model_cfg)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
   else:
     rules = partitioning.validate_rules(rules, mesh)
-    model = nnx.eval_shape(lambda: make_model(source.kind, source.model_cfg, 0))
+    model = nnx.eval_shape(lambda: make_model(kind, source.model_cfg, 0))
     specs = partitioning.param_specs(nnx.split(model)[1], mesh, rules)
     shardings = nnx.to_pure_dict(partitioning.to_shardings(specs, mesh))
   target = jax.tree.map(

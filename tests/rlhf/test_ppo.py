@@ -204,12 +204,17 @@ def run_iteration(stage):
   return first
 
 
-def test_sampler_and_trainer_logprobs_agree_and_a_first_minibatch_has_ratio_1_and_kl_0(tmp_path):
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_sampler_and_trainer_logprobs_agree_and_a_first_minibatch_has_ratio_1_and_kl_0(
+  tmp_path, critic
+):
   """At temperature 0.7 and 6-token responses, the sampler's logprob of every response token
   equals the trainer's teacher-forced recomputation (fp32, 1e-5). With policy = old =
   reference (the first minibatch of the first iteration), the ratio is exactly 1, nothing is
   clipped, and the KL is exactly 0."""
-  c = ppo_config(tmp_path, "tests.rlhf.test_ppo:letters_reward", response_len=6, temperature=0.7)
+  c = ppo_config(
+    tmp_path, "tests.rlhf.test_ppo:letters_reward", response_len=6, temperature=0.7, critic=critic
+  )
   stage = build_stage(c, str(tmp_path / "run"))
   first = run_iteration(stage)
   out, full = stage.last
@@ -232,12 +237,13 @@ def bandit_distribution(stage, params):
   return np.asarray(jax.nn.softmax(model(jnp.asarray([ids]))[0, -1]), np.float64)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_ppo_reaches_the_kl_regularised_optimum_of_a_bandit(tmp_path, seed):
+@pytest.mark.parametrize("seed,critic", [(0, "separate"), (1, "separate"), (0, "shared")])
+def test_ppo_reaches_the_kl_regularised_optimum_of_a_bandit(tmp_path, seed, critic):
   """One prompt, one-token responses, a fixed reward per token, fixed beta 0.5: the optimum of
   E[r] - beta KL(pi || ref) is pi*(y) ∝ ref(y) exp(r(y) / beta). After 200 iterations PPO is
-  within total variation 0.05 of it, for each seed."""
-  c = ppo_config(tmp_path, "tests.rlhf.test_ppo:bandit_reward", seed=seed)
+  within total variation 0.05 of it, for each seed, with a separate critic or one sharing the
+  policy's trunk."""
+  c = ppo_config(tmp_path, "tests.rlhf.test_ppo:bandit_reward", seed=seed, critic=critic)
   c.train.seed, c.train.steps = seed, 200
   # Gentle steps: a policy that drops a token early never samples it again to recover it.
   c.opt.lr = 3e-4
