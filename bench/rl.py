@@ -1,0 +1,154 @@
+"""RL throughput: PPO iteration time split into rollout, scoring and update, episodes/s, and
+rollout tokens/s, at the shapes of the TRL 1.12 PPO peer in docs/benchmarks.md.
+
+.venv/bin/python -m bench.rl --iterations 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+# The peer's shapes: a 1.05M-parameter Llama (4 layers, width 128, vocabulary 16), fp32.
+SHAPE = dict(
+  vocab_size=16, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=512, max_seq_len=64
+)
+LETTERS = "abcdefghi"  # 9 characters + 7 special ids: a vocabulary of 16
+
+
+def letters_reward(records, completions):
+  return [c.count("a") / 4.0 for c in completions]
+
+
+def reward_checkpoint(root: str, tokenizer, model_cfg) -> str:
+  """A reward model's workdir: a randomly initialised scalar model of the peer's size, saved
+  as the reward-model stage saves one (TRL's peer scored with such a model too)."""
+  import jax
+  from flax import nnx
+
+  from data.tokenizer import tokenizer_to_json
+  from train import checkpoint as ckpt
+  from train import weights
+
+  params = nnx.to_pure_dict(nnx.state(weights.make_model("scalar", model_cfg, 1)))
+  workdir = os.path.join(root, "rm")
+  saver = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  items = {
+    "config": {"model": {}},
+    "tokenizer": tokenizer_to_json(tokenizer),
+    "models": weights.models_item({"reward": ("scalar", model_cfg)}),
+  }
+  saver.save(1, {"reward": {"params": jax.device_get(params)}}, items)
+  saver.close()
+  return workdir
+
+
+def ppo_config(root: str, reward: str, batch: int, response_len: int):
+  import ml_collections
+
+  from configs import base
+
+  prompts = os.path.join(root, "prompts.jsonl")
+  with open(prompts, "w") as f:
+    for i in range(256):
+      f.write(json.dumps({"prompt": LETTERS[i % 9 :] + LETTERS[: i % 9]}) + "\n")
+  c = base.get_config()
+  c.stage = "rlhf.ppo"
+  c.model = base.model_config("tiny", **SHAPE)
+  c.rlhf = ml_collections.ConfigDict(
+    dict(
+      prompts=prompts,
+      reward=reward,
+      batch_size=batch,
+      response_len=response_len,
+      max_prompt_len=16,
+      epochs=4,
+      minibatches=4,
+      exact_kl_vocab=0,
+    )
+  )
+  c.train.update(progress=False, tensorboard=False, checkpoint_every=0, eval_every=0)
+  return c
+
+
+def run(iterations: int, batch: int, response_len: int) -> dict:
+  from data.tokenizer import CharTokenizer
+  from model.config import ModelConfig
+  from tests.rlhf.test_ppo import run_iteration
+  from train.stage import build_stage
+
+  root = tempfile.mkdtemp()
+  tok = CharTokenizer.from_text(LETTERS)
+  assert tok.vocab_size == 16, tok.vocab_size
+  rm = reward_checkpoint(root, tok, ModelConfig(**SHAPE))
+  stage = build_stage(ppo_config(root, rm, batch, response_len), os.path.join(root, "run"))
+  assert 1.0e6 < stage.n_params < 1.1e6, stage.n_params
+  rows = []
+  for i in range(iterations + 2):  # two to compile and settle
+    t0 = time.perf_counter()
+    run_iteration(stage)
+    total = time.perf_counter() - t0
+    m = stage.iteration_metrics()
+    if i >= 2:
+      rows.append((total, m["rollout_s"], m["scoring_s"], m["update_s"], m["response_length"]))
+  med = [statistics.median(col) for col in zip(*rows)]
+  return {
+    "batch": batch,
+    "response_len": response_len,
+    "iteration_s": med[0],
+    "rollout_s": med[1],
+    "scoring_s": med[2],
+    "update_s": med[3],
+    "episodes_per_s": batch / med[0],
+    "rollout_tokens_per_s": batch * med[4] / med[1],
+    "params": stage.n_params,
+  }
+
+
+def decode_rate(batch: int, new_tokens: int, repeats: int = 5) -> dict:
+  """Sampler tokens/s at a batch, prompt 16 tokens, `new_tokens` new tokens (no EOS)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from model.config import ModelConfig
+  from model.sampling import Sampler, SamplingConfig
+  from model.transformer import Transformer
+
+  cfg = ModelConfig(**SHAPE)
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  sampler = Sampler(graphdef)
+  prompts = np.random.default_rng(0).integers(1, 16, size=(batch, 16)).astype(np.int32)
+  mask = np.ones_like(prompts)
+  scfg = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
+  out = sampler(params, prompts, mask, jax.random.key(0), scfg)
+  jax.block_until_ready(out)
+  times = []
+  for r in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(sampler(params, prompts, mask, jax.random.key(r), scfg))
+    times.append(time.perf_counter() - t0)
+  return {
+    "batch": batch,
+    "new_tokens": new_tokens,
+    "tokens_per_s": batch * new_tokens / statistics.median(times),
+  }
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--iterations", type=int, default=12)
+  args = p.parse_args()
+  result = {"ppo": run(args.iterations, 64, 4)}
+  result["decode"] = [decode_rate(b, 32) for b in (16, 64)]
+  result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+  main()
