@@ -11,8 +11,15 @@ import json
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
+
+# CPU devices to split each batch over; set before JAX starts (--devices N).
+DEVICES = int(sys.argv[sys.argv.index("--devices") + 1]) if "--devices" in sys.argv else 2
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
+)
 
 # The peer's shapes: a 1.05M-parameter Llama (4 layers, width 128, vocabulary 16), fp32.
 SHAPE = dict(
@@ -73,6 +80,9 @@ def ppo_config(root: str, reward: str, batch: int, response_len: int):
     )
   )
   c.train.update(progress=False, tensorboard=False, checkpoint_every=0, eval_every=0)
+  # As the baby pretraining config runs on CPU: data parallel over the host's CPU devices
+  # (--devices), gradients summed in one flat all-reduce.
+  c.mesh.grad_reduce = "flat" if DEVICES > 1 else "xla"
   return c
 
 
@@ -143,8 +153,9 @@ def decode_rate(batch: int, new_tokens: int, repeats: int = 5) -> dict:
 def main():
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--iterations", type=int, default=12)
+  p.add_argument("--devices", type=int, default=2, help="CPU devices (data parallel)")
   args = p.parse_args()
-  result = {"ppo": run(args.iterations, 64, 4)}
+  result = {"devices": DEVICES, "ppo": run(args.iterations, 64, 4)}
   result["decode"] = [decode_rate(b, 32) for b in (16, 64)]
   result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(json.dumps(result, indent=1))

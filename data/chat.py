@@ -135,12 +135,40 @@ def pack_sft(
   return arrays, stats
 
 
+def _unshifted(ids: Sequence[int], length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """One right-padded row holding the whole sequence, for a model that reads a value at the
+  last real token (segment_ids > 0) rather than predicting the next one."""
+  n = len(ids)
+  row = {
+    "inputs": np.full(length, pad_id, np.int32),
+    "segment_ids": np.zeros(length, np.int32),
+    "positions": np.zeros(length, np.int32),
+  }
+  row["inputs"][:n], row["segment_ids"][:n], row["positions"][:n] = ids, 1, np.arange(n)
+  return row
+
+
 def pack_preferences(
-  pairs: Iterable[Preference], tokenizer: Tokenizer, *, seq_len: int, overflow: str = "truncate"
+  pairs: Iterable[Preference],
+  tokenizer: Tokenizer,
+  *,
+  seq_len: int,
+  overflow: str = "truncate",
+  shift: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """One row per pair: chosen_* and rejected_* keys share a prompt; loss on response tokens only."""
-  counter = OverflowCounter("preferences", seq_len + 1, overflow)
+  """One row per pair: chosen_* and rejected_* keys share a prompt; returns (arrays, stats).
+
+  shift=True (LM losses such as DPO's): {inputs, targets, segment_ids, positions, loss_mask}
+  per side, inputs ids[:-1], loss on response tokens only. shift=False (a reward model):
+  {inputs, segment_ids, positions} per side, inputs the whole sequence through the response's
+  <|end|>, plus `margin` (R,), each pair's margin. Truncation keeps the start of both
+  sequences; a pair whose prompt leaves no room for a response token is dropped. Both are
+  counted in the stats.
+  """
+  limit = seq_len + 1 if shift else seq_len  # tokens of one sequence a row holds
+  counter = OverflowCounter("preferences", limit, overflow)
   rows: dict[str, list[np.ndarray]] = {}
+  margins = []
   for pair in pairs:
     counter.stats["examples"] += 1
     prompt = render_prompt(tokenizer, pair.prompt)
@@ -148,18 +176,25 @@ def pack_preferences(
     for side, response in (("chosen", pair.chosen), ("rejected", pair.rejected)):
       ids = prompt + tokenizer.encode(response) + [tokenizer.end_id]
       sides[side] = (ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt)))
-    too_long = max(len(ids) for ids, _ in sides.values()) > seq_len + 1
-    if too_long and (overflow == "drop" or len(prompt) >= seq_len + 1):
+    too_long = max(len(ids) for ids, _ in sides.values()) > limit
+    if too_long and (overflow == "drop" or len(prompt) >= limit):
       counter.stats["dropped"] += 1
       continue
     counter.stats["truncated"] += too_long
     counter.stats["kept"] += 1
     for side, (ids, mask) in sides.items():
-      row = _shifted(ids[: seq_len + 1], mask[: seq_len + 1], seq_len, tokenizer.pad_id)
+      if shift:
+        row = _shifted(ids[:limit], mask[:limit], seq_len, tokenizer.pad_id)
+      else:
+        row = _unshifted(ids[:limit], seq_len, tokenizer.pad_id)
       for k, v in row.items():
         rows.setdefault(f"{side}_{k}", []).append(v)
+    margins.append(pair.margin)
   stats = counter.report()
-  return {k: np.stack(v) for k, v in rows.items()}, stats
+  arrays = {k: np.stack(v) for k, v in rows.items()}
+  if not shift:
+    arrays["margin"] = np.asarray(margins, np.float32)
+  return arrays, stats
 
 
 def pack_prompts(
@@ -287,10 +322,13 @@ def preference_iterator(
   batch_size: int,
   seed: int,
   overflow: str = "truncate",
+  shift: bool = True,
   **kwargs,
 ) -> BatchIterator:
-  """Preference batches: chosen_{inputs,targets,segment_ids,positions,loss_mask} and rejected_*."""
-  arrays, stats = pack_preferences(pairs, tokenizer, seq_len=seq_len, overflow=overflow)
+  """Preference batches: chosen_* and rejected_* keys as `pack_preferences` makes them."""
+  arrays, stats = pack_preferences(
+    pairs, tokenizer, seq_len=seq_len, overflow=overflow, shift=shift
+  )
   return array_iterator(
     arrays, stats, kind="preference", batch_size=batch_size, seed=seed, **kwargs
   )

@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import importlib.metadata
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -38,11 +39,13 @@ Messages = list[dict[str, str]]
 
 @dataclasses.dataclass(frozen=True)
 class Preference:
-  """A preference pair: shared prompt (chat messages), preferred and rejected responses."""
+  """A preference pair: shared prompt (chat messages), preferred and rejected responses, and
+  by how much the reward of chosen should exceed rejected's (a Bradley-Terry margin)."""
 
   prompt: Messages
   chosen: str
   rejected: str
+  margin: float = 0.0
 
 
 # ---------------------------------------------------------------- plain text
@@ -169,11 +172,21 @@ def hh_to_messages(transcript: str) -> Messages:
   return messages
 
 
+def _margin(obj: dict, path: str, lineno: int) -> float:
+  value = obj.get("margin", 0.0)
+  # bool is an int to Python, but `true` is no margin.
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise DataError(f"{path}:{lineno}: field 'margin' must be a finite number, got {value!r:.40}")
+  return float(value)
+
+
 def read_preferences(paths) -> Iterator[Preference]:
-  """{prompt, chosen, rejected} (prompt a string or messages), or HH {chosen, rejected} transcripts."""
+  """{prompt, chosen, rejected} (prompt a string or messages), or HH {chosen, rejected}
+  transcripts; either with an optional number "margin" (default 0)."""
   for path, lineno, obj in iter_jsonl(paths):
     chosen = _field(obj, "chosen", path, lineno)
     rejected = _field(obj, "rejected", path, lineno)
+    margin = _margin(obj, path, lineno)
     if "prompt" in obj:
       prompt = obj["prompt"]
       if isinstance(prompt, str):
@@ -182,14 +195,14 @@ def read_preferences(paths) -> Iterator[Preference]:
         messages = _messages(prompt, path, lineno)
       else:
         raise DataError(f"{path}:{lineno}: field 'prompt' must be a string or a messages list")
-      yield Preference(messages, chosen, rejected)
+      yield Preference(messages, chosen, rejected, margin)
     else:
       try:
         prompt, chosen_resp, rejected_resp = split_hh(chosen, rejected)
         messages = hh_to_messages(prompt)
       except DataError as e:
         raise DataError(f"{path}:{lineno}: {e}") from None
-      yield Preference(messages, chosen_resp.strip(), rejected_resp.strip())
+      yield Preference(messages, chosen_resp.strip(), rejected_resp.strip(), margin)
 
 
 def read_prompts(paths, *, field: str = "prompt") -> Iterator[dict[str, Any]]:

@@ -113,7 +113,9 @@ def _resolve_workdir(workdir: str, step: int, state: str) -> Source:
     step = step or max(steps)
     if step not in steps:
       raise FileNotFoundError(f"{directory} has no step {step}; it has steps {sorted(steps)}")
-    items = manager.restore_items(step, ["config", "tokenizer", "models", "chat_template"])
+    items = manager.restore_items(
+      step, ["config", "tokenizer", "models", "chat_template", "reward_norm"]
+    )
   finally:
     manager.close()
   config = items["config"]

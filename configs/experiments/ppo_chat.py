@@ -22,7 +22,7 @@ def get_config():
   c.rlhf.temperature = 1.0  # divides the logits in sampling and in every logprob
   c.rlhf.top_k = 0  # keep it 0: the trainer scores the full tempered distribution
   c.rlhf.top_p = 1.0  # keep it 1, for the same reason (else KL estimates go negative)
-  c.rlhf.reward = ""  # a reward model's workdir, or a function as module:function
+  c.rlhf.reward = "runs/rm"  # a reward model's workdir, or a function as module:function
   c.rlhf.missing_eos_penalty = 1.0  # subtracted from the score of a response with no EOS
   c.rlhf.kl_estimator = "k1"  # k1 | k2 | k3: the per-token KL in the reward
   c.rlhf.kl_controller = "adaptive"  # fixed | adaptive (toward kl_target)
@@ -52,7 +52,7 @@ def get_config():
   c.opt.weight_decay = 0.0
   c.opt.b2 = 0.999
   c.opt.eps = 1e-5
-  c.train.init_from = ""  # the SFT policy's workdir (required in practice)
+  c.train.init_from = "runs/sft"  # the SFT policy's workdir
   c.train.steps = 200  # PPO iterations
   c.train.log_every = 1
   c.train.eval_every = 0

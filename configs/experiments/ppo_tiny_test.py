@@ -10,6 +10,7 @@ def get_config():
   c.model = base.model_config("tiny", vocab_size=0, max_seq_len=64, init_std=0.3)
   c.rlhf.prompts = ""  # set by the test
   c.rlhf.reward = ""  # set by the test
+  c.train.init_from = ""
   c.rlhf.batch_size = 16
   c.rlhf.response_len = 4
   c.rlhf.max_prompt_len = 16

@@ -155,6 +155,75 @@ def test_overlong_preferences_are_counted(tok):
   assert (stats["dropped"], stats["kept"]) == (1, 1)
 
 
+def test_unshifted_preference_rows_hold_the_whole_sequence_and_margins(tok):
+  """shift=False (the reward model's rows): each side's inputs are the whole rendered
+  sequence, so its last real token (plain-Python index of the last segment id > 0) is the
+  response's <|end|>; margins ride along per pair."""
+  pairs = [
+    Preference([{"role": "user", "content": "hi ab"}], "ABC", "DEFGHI!", margin=1.5),
+    Preference([{"role": "system", "content": "be"}, {"role": "user", "content": "j"}], "J", ""),
+  ]
+  arrays, stats = chat.pack_preferences(pairs, tok, seq_len=24, shift=False)
+  assert stats["kept"] == 2
+  assert set(arrays) == {
+    f"{s}_{k}" for s in ("chosen", "rejected") for k in ("inputs", "segment_ids", "positions")
+  } | {"margin"}
+  assert arrays["margin"].tolist() == [1.5, 0.0] and arrays["margin"].dtype == np.float32
+  for i, pair in enumerate(pairs):
+    for side, response in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+      ids = chat.render_prompt(tok, pair.prompt) + tok.encode(response) + [tok.end_id]
+      seg = arrays[f"{side}_segment_ids"][i].tolist()
+      last = max(j for j, s in enumerate(seg) if s > 0)
+      assert last == len(ids) - 1 and arrays[f"{side}_inputs"][i, last] == tok.end_id
+      assert arrays[f"{side}_inputs"][i, : len(ids)].tolist() == ids
+      assert (arrays[f"{side}_inputs"][i, len(ids) :] == tok.pad_id).all()
+      assert arrays[f"{side}_positions"][i, : len(ids)].tolist() == list(range(len(ids)))
+
+
+def test_unshifted_overlong_pairs_are_dropped_or_truncated_and_counted(tok):
+  """A row holds seq_len tokens: a pair of exactly seq_len fits, one token more is over-long
+  (dropped, or cut to its first seq_len tokens), and a prompt that fills the row leaves no
+  response to score (dropped either way)."""
+  prompt = [{"role": "user", "content": "ab"}]  # <bos><|user|>ab<|end|><|assistant|>: 6 ids
+  fits = Preference(prompt, "ABC", "D")  # 6 + 3 + 1 = 10 ids
+  over = Preference(prompt, "ABCD", "D")  # 11 ids
+  full = Preference([{"role": "user", "content": "abcdef"}], "A", "B")  # a 10-id prompt
+  arrays, stats = chat.pack_preferences([fits, over, full], tok, seq_len=10, shift=False)
+  assert (stats["kept"], stats["truncated"], stats["dropped"]) == (2, 1, 1)
+  cut = chat.render_prompt(tok, prompt) + tok.encode("ABCD")
+  assert arrays["chosen_inputs"][1].tolist() == cut[:10], "truncation keeps the start"
+  assert arrays["chosen_segment_ids"][1].min() == 1
+  assert arrays["chosen_inputs"][0, 9] == tok.end_id
+  arrays, stats = chat.pack_preferences(
+    [fits, over, full], tok, seq_len=10, overflow="drop", shift=False
+  )
+  assert (stats["kept"], stats["truncated"], stats["dropped"]) == (1, 0, 2)
+  assert arrays["margin"].shape == (1,)
+
+
+def test_preference_margins_are_read_from_jsonl(tmp_path):
+  """An optional number "margin" per record (default 0), in both record shapes; anything
+  else is an error naming the file and line."""
+  from data import sources
+
+  hh = {
+    "chosen": "\n\nHuman: hi\n\nAssistant: Hello.",
+    "rejected": "\n\nHuman: hi\n\nAssistant: Go.",
+  }
+  path = tmp_path / "p.jsonl"
+  rows = [
+    {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2},
+    {"prompt": "q", "chosen": "a", "rejected": "b"},
+    {**hh, "margin": -0.5},
+  ]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert [p.margin for p in sources.read_preferences(path)] == [2.0, 0.0, -0.5]
+  for bad in ("1", True, None):
+    path.write_text(json.dumps(rows[1]) + "\n" + json.dumps({**rows[1], "margin": bad}) + "\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:2: field 'margin' must be a finite number"):
+      list(sources.read_preferences(path))
+
+
 def test_prompt_batches_are_left_padded_and_carry_fields(tok):
   records = [
     {"prompt": "abc", "answer": "A"},

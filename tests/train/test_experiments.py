@@ -8,6 +8,8 @@ import pytest
 import configs.experiments
 from data.corpus import DataConfig
 from model.config import ModelConfig
+from rlhf.ppo import PPOConfig
+from rlhf.reward import RMDataConfig
 from tests.model.conftest import param_count
 from train.optim import OptimConfig
 from train.sft import SFTDataConfig
@@ -29,7 +31,15 @@ def test_experiment_config_is_valid(name):
   opt = OptimConfig(**dict(c.opt, total_steps=c.train.steps))
   assert c.data.batch_size % opt.grad_accum == 0, "microbatches must split the batch evenly"
   section(TrainConfig, c.train, "train")
-  data_config = {"train.pretrain": DataConfig, "train.sft": SFTDataConfig}[c.stage]
+  if c.stage == "rlhf.ppo":  # PPO reads prompts from its rlhf section, not data
+    given = {k: c.rlhf[k] or "given/by/the/test" for k in ("prompts", "reward")}
+    section(PPOConfig, {**c.rlhf, **given}, "rlhf")
+    return
+  data_config = {
+    "train.pretrain": DataConfig,
+    "train.sft": SFTDataConfig,
+    "rlhf.reward": RMDataConfig,
+  }[c.stage]
   section(data_config, {**c.data, "path": c.data.get("path") or "given/by/the/test"}, "data")
 
 

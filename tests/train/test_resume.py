@@ -1,7 +1,8 @@
 """Exact resume: a run stopped by SIGTERM or SIGINT, or killed with -9 after a checkpoint, and resumed
 has bitwise the losses and final parameters of an uninterrupted run (CPU), dropout included:
-pretraining and SFT, each through the one loop."""
+pretraining, SFT, the reward model and PPO, each through the one loop."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from data import corpus
+from tests.rlhf.test_reward import all_sum_pairs, sum_pairs
 from tests.train.test_sft import reversal_chats
 from train.metrics import read_metrics
 
@@ -20,10 +22,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STEPS = 200
 
 
-@pytest.fixture(scope="module", params=["pretrain", "sft"])
+@pytest.fixture(scope="module", params=["pretrain", "sft", "rm", "ppo"])
 def prepared(request, tmp_path_factory):
   """A stage's data made once, shared by every run (so runs differ only in interruption):
-  token shards for pretraining, a chat JSONL for SFT. Returns the command-line flags."""
+  token shards for pretraining, a chat JSONL for SFT, preference pairs for the reward model.
+  Returns the command-line flags."""
   root = tmp_path_factory.mktemp(f"prepared_{request.param}")
   if request.param == "pretrain":
     corpus.build(corpus.DataConfig(vocab_size=512, seq_len=32), str(root), progress=False)
@@ -32,11 +35,31 @@ def prepared(request, tmp_path_factory):
       "--config.data.corpus=shards",
       f"--config.data.path={root / 'data'}",
     ]
+  if request.param == "rm":
+    sum_pairs(root / "pairs.jsonl", all_sum_pairs(seed=0)[:400])
+    return [
+      "--config=configs/experiments/rm_tiny_test.py",
+      f"--config.data.path={root / 'pairs.jsonl'}",
+    ]
+  if request.param == "ppo":  # 40 iterations: beta, both models, prompts and sampling keys
+    with open(root / "prompts.jsonl", "w") as f:
+      for word in reversal_chats(root / "words.jsonl", 64, seed=0):
+        f.write(json.dumps({"prompt": word}) + "\n")
+    return [
+      "--config=configs/experiments/ppo_tiny_test.py",
+      f"--config.rlhf.prompts={root / 'prompts.jsonl'}",
+      "--config.rlhf.reward=tests.rlhf.test_ppo:letters_reward",
+      "--config.rlhf.kl_controller=adaptive",
+    ]
   reversal_chats(root / "chats.jsonl", 400, seed=0)
   return [
     "--config=configs/experiments/sft_tiny_test.py",
     f"--config.data.path={root / 'chats.jsonl'}",
   ]
+
+
+def steps_of(prepared):
+  return 40 if "--config=configs/experiments/ppo_tiny_test.py" in prepared else STEPS
 
 
 def start(workdir, prepared):
@@ -47,7 +70,7 @@ def start(workdir, prepared):
     "train.main",
     *prepared,
     f"--workdir={workdir}",
-    f"--config.train.steps={STEPS}",
+    f"--config.train.steps={steps_of(prepared)}",
     "--config.train.checkpoint_every=10",
     "--config.train.keep_checkpoints=2",
     # Dropout as shakespeare_char_10m trains: a resumed run must redraw the same masks.
@@ -67,19 +90,21 @@ def finish(proc, timeout=240):
 
 
 def losses_by_step(workdir):
-  """The last logged training loss of each step (a resumed run re-logs the steps it redid)."""
+  """The last logged losses of each step, and PPO's KL coefficient (a resumed run re-logs
+  the steps it redid): every model's loss when a stage trains several."""
   return {
-    r["step"]: r["loss"]
+    r["step"]: tuple(sorted((k, v) for k, v in r.items() if k.endswith("loss") or k == "beta"))
     for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
     if r["split"] == "train"
   }
 
 
-def final_params(workdir):
-  state = ocp.StandardCheckpointer().restore(
-    os.path.join(workdir, "checkpoints", str(STEPS), "states")
+def final_params(workdir, steps):
+  """Every model's parameters (PPO: the policy's and the critic's)."""
+  states = ocp.StandardCheckpointer().restore(
+    os.path.join(workdir, "checkpoints", str(steps), "states")
   )
-  return state["model"]["params"]
+  return {name: state["params"] for name, state in states.items()}
 
 
 def wait_for(predicate, proc, timeout=180):
@@ -94,18 +119,19 @@ def wait_for(predicate, proc, timeout=180):
 def reference(prepared, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   finish(start(workdir, prepared))
-  return losses_by_step(workdir), final_params(workdir)
+  return losses_by_step(workdir), final_params(workdir, steps_of(prepared))
 
 
 def assert_same_run(workdir, reference):
   want_losses, want_params = reference
   got = losses_by_step(workdir)
-  assert sorted(got) == sorted(want_losses) == list(range(1, STEPS + 1))
+  steps = max(want_losses)
+  assert sorted(got) == sorted(want_losses) == list(range(1, steps + 1))
   diff = [s for s in got if got[s] != want_losses[s]]
   assert not diff, f"losses differ at steps {diff[:5]}: resume is not exact"
   import jax
 
-  jax.tree.map(np.testing.assert_array_equal, final_params(workdir), want_params)
+  jax.tree.map(np.testing.assert_array_equal, final_params(workdir, steps), want_params)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -119,7 +145,7 @@ def test_signal_saves_and_resumes_exactly(sig, prepared, reference, tmp_path):
   out = finish(proc)
   assert "received signal" in out, out[-2000:]
   stopped = max(losses_by_step(workdir))
-  assert stopped < STEPS, "the signal arrived after the run had finished"
+  assert stopped < steps_of(prepared), "the signal arrived after the run had finished"
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped))), (
     f"{signal.Signals(sig).name} must checkpoint the step it stopped at"
   )
