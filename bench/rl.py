@@ -143,10 +143,36 @@ def decode_rate(batch: int, new_tokens: int, repeats: int = 5) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(sampler(params, prompts, mask, jax.random.key(r), scfg))
     times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times) / new_tokens
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  # Per decode step: 2 FLOPs per parameter per row, and every weight read once (fp32).
   return {
     "batch": batch,
     "new_tokens": new_tokens,
-    "tokens_per_s": batch * new_tokens / statistics.median(times),
+    "tokens_per_s": batch / step_s,
+    "step_ms": step_s * 1e3,
+    "gflop_per_s": 2 * n_params * batch / step_s / 1e9,
+    "weight_gb_per_s": 4 * n_params / step_s / 1e9,
+  }
+
+
+def limits() -> dict:
+  """This CPU's practical ceilings, measured in the same run: a float32 matmul's FLOP/s (all
+  cores) and the bandwidth of a 256 MiB copy."""
+  import numpy as np
+
+  from train.metrics import measure_peak_flops
+
+  a = np.ones(64 * 2**20, np.float32)
+  b = np.empty_like(a)
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    np.copyto(b, a)
+    times.append(time.perf_counter() - t0)
+  return {
+    "matmul_gflop_per_s": measure_peak_flops() / 1e9,
+    "copy_gb_per_s": 2 * a.nbytes / statistics.median(times) / 1e9,  # read + write
   }
 
 
@@ -157,6 +183,7 @@ def main():
   args = p.parse_args()
   result = {"devices": DEVICES, "ppo": run(args.iterations, 64, 4)}
   result["decode"] = [decode_rate(b, 32) for b in (16, 64)]
+  result["limits"] = limits()
   result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(json.dumps(result, indent=1))
 

@@ -11,17 +11,10 @@ from flax import nnx
 
 from model import axes
 from model.logprobs import token_logprobs
-from model.transformer import last_token_values
 from rlhf.gae import gae, masked_mean, masked_var, whiten
 from rlhf.kl import kl_estimate
 from rlhf.objectives import response_logits, response_values
-
-
-def sequence_scores(model, batch):
-  """A scalar model's value at each sequence's last real token (its EOS when it stopped),
-  found from the mask, never from a pad id."""
-  values_BxL = model(batch["tokens"], batch["positions"], batch["mask"])
-  return last_token_values(values_BxL, batch["mask"])
+from rlhf.reward import score as reward_score
 
 
 def forward(
@@ -42,11 +35,12 @@ def forward(
     out["values"] = (
       zeros if critic is None else response_values(nnx.merge(graphdefs["critic"], critic), batch)
     )
-    out["rm_scores"] = (
-      zeros[:, 0]
-      if reward is None
-      else sequence_scores(nnx.merge(graphdefs["reward"], reward), batch)
-    )
+    if reward is None:
+      out["rm_scores"] = zeros[:, 0]
+    else:  # at each sequence's last real token: its EOS when it stopped
+      out["rm_scores"] = reward_score(
+        graphdefs["reward"], reward, batch["tokens"], batch["mask"], batch["positions"]
+      )
     if exact_kl:  # sum over the vocabulary of pi (log pi - log ref), at the same temperature
       t = temperature if temperature not in (0.0,) else 1.0
       logp = jax.nn.log_softmax(policy_logits / t, axis=-1)

@@ -59,7 +59,12 @@ def prepared(request, tmp_path_factory):
 
 
 def steps_of(prepared):
-  return 40 if "--config=configs/experiments/ppo_tiny_test.py" in prepared else STEPS
+  """Pretraining runs 200 steps; the post-training stages, whose state is more than one
+  iterator, as many as a signal after 15 logged steps and a kill after checkpoint 20 need."""
+  for name, steps in (("ppo_tiny_test", 40), ("sft_tiny_test", 60), ("rm_tiny_test", 60)):
+    if f"--config=configs/experiments/{name}.py" in prepared:
+      return steps
+  return STEPS
 
 
 def start(workdir, prepared):
