@@ -73,7 +73,7 @@ def ppo_config(root: str, reward: str, batch: int, response_len: int):
       reward=reward,
       batch_size=batch,
       response_len=response_len,
-      max_prompt_len=16,
+      max_prompt_len=13,  # a rendered prompt: <s> <|user|> 9 letters <|end|> <|assistant|>
       epochs=4,
       minibatches=4,
       exact_kl_vocab=0,
