@@ -85,6 +85,23 @@ def clipped_value_loss(values_BxN, old_values_BxN, returns_BxN, mask_BxN, clip: 
   return 0.5 * jnp.maximum(a, b) * mask, (b > a).astype(jnp.float32) * mask
 
 
+def _policy_terms(logp, logits, batch, mask, cfg):
+  """Per-token clipped policy losses and the summed policy metrics (entropy included)."""
+  loss, token_m = clipped_policy_loss(
+    logp,
+    batch["old_logprobs"],
+    batch["advantages"],
+    mask,
+    cfg.clip,
+    cfg.clip,
+    cfg.dual_clip,
+    cfg.logratio_clamp,
+  )
+  metrics = {k: jnp.sum(v) for k, v in token_m.items()}
+  metrics["entropy"] = jnp.sum(entropy(logits, cfg.temperature) * mask)
+  return loss, metrics
+
+
 def ppo_policy_loss_fn(cfg):
   """loss_fn(model, batch, rng) of the policy: the clipped ratio loss summed over response
   tokens, with the count of response tokens (the token mean over the minibatch)."""
@@ -93,18 +110,7 @@ def ppo_policy_loss_fn(cfg):
     del rng  # dropout is off in RL
     mask = batch["response_mask"].astype(jnp.float32)
     logp, logits = response_logprobs(model, batch, cfg.temperature)
-    loss, token_m = clipped_policy_loss(
-      logp,
-      batch["old_logprobs"],
-      batch["advantages"],
-      mask,
-      cfg.clip,
-      cfg.clip,
-      cfg.dual_clip,
-      cfg.logratio_clamp,
-    )
-    metrics = {k: jnp.sum(v) for k, v in token_m.items()}
-    metrics["entropy"] = jnp.sum(entropy(logits, cfg.temperature) * mask)
+    loss, metrics = _policy_terms(logp, logits, batch, mask, cfg)
     return jnp.sum(loss), jnp.sum(mask), metrics
 
   return loss_fn
@@ -139,21 +145,10 @@ def ppo_shared_loss_fn(cfg):
     logits, values = model.logits_and_values(*args)
     logits, values = logits[:, -n:], values[:, -n:]
     logp = token_logprobs(logits, batch["tokens"][:, -n:], cfg.temperature)
-    pg, token_m = clipped_policy_loss(
-      logp,
-      batch["old_logprobs"],
-      batch["advantages"],
-      mask,
-      cfg.clip,
-      cfg.clip,
-      cfg.dual_clip,
-      cfg.logratio_clamp,
-    )
+    pg, metrics = _policy_terms(logp, logits, batch, mask, cfg)
     vf, clipped = clipped_value_loss(
       values, batch["old_values"], batch["returns"], mask, cfg.value_clip
     )
-    metrics = {k: jnp.sum(v) for k, v in token_m.items()}
-    metrics["entropy"] = jnp.sum(entropy(logits, cfg.temperature) * mask)
     metrics["policy_loss"] = jnp.sum(pg)
     metrics["value_loss"] = jnp.sum(vf)
     metrics["value_clip_fraction"] = jnp.sum(clipped)

@@ -45,6 +45,25 @@ def check_query_blocks(config, seq_len: int):
     )
 
 
+def setup_lm(stage, source, seq_len: int, batch_size: int) -> None:
+  """The one language model ('model') that pretraining and SFT train with the next-token loss:
+  its state and shardings, its train and eval steps, and the rate figures. Reads the stage's
+  train_cfg, model_cfg, opt_cfg and mesh."""
+  z_loss = stage.train_cfg.z_loss
+  stage.model = stagelib.build_model(
+    "lm", stage.model_cfg, stage.opt_cfg, stage.mesh, stage.train_cfg.seed, source
+  )
+  stage.graphdef = stage.model.graphdef
+  stage.states = {"model": stage.model.state}
+  stage.state_shardings = {"model": stage.model.shardings}
+  stage.n_params = stage.model.n_params
+  loss_fn = lambda model, batch, rng: losses.lm_loss(model, batch, rng, z_loss=z_loss)
+  stage.steps = {"model": stagelib.train_step(stage.model, stage.mesh, LM_KEYS, loss_fn)}
+  stage.eval_step = stagelib.eval_step(stage.model, stage.mesh, LM_KEYS, loss_fn)
+  stage.tokens_per_iteration = batch_size * seq_len
+  stage.flops_per_token = metrics.flops_per_token(stage.model_cfg, stage.n_params, seq_len)
+
+
 class Pretrain(stagelib.Stage):
   """One model ('model') trained on token shards; evaluation over the validation split and a
   sampled continuation of train.sample_prompt."""
@@ -82,18 +101,7 @@ class Pretrain(stagelib.Stage):
     self.mesh = stagelib.make_mesh(config)
     self.mesh.check_batch("data.batch_size", dc.batch_size, self.opt_cfg.grad_accum)
     self.mesh.check_batch("data.eval_batch_size", dc.eval_batch_size)
-    self.model = stagelib.build_model(
-      "lm", self.model_cfg, self.opt_cfg, self.mesh, tc.seed, source
-    )
-    self.graphdef = self.model.graphdef
-    self.states = {"model": self.model.state}
-    self.state_shardings = {"model": self.model.shardings}
-    self.n_params = self.model.n_params
-    loss_fn = lambda model, batch, rng: losses.lm_loss(model, batch, rng, z_loss=tc.z_loss)
-    self.steps = {"model": stagelib.train_step(self.model, self.mesh, LM_KEYS, loss_fn)}
-    self.eval_step = stagelib.eval_step(self.model, self.mesh, LM_KEYS, loss_fn)
-    self.tokens_per_iteration = dc.batch_size * dc.seq_len
-    self.flops_per_token = metrics.flops_per_token(self.model_cfg, self.n_params, dc.seq_len)
+    setup_lm(self, source, dc.seq_len, dc.batch_size)
     self.sampler = None
     self._it = None
 

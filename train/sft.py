@@ -11,9 +11,9 @@ from data import chat, sources
 from data.sources import DataError
 from model.sampling import Sampler, SamplingConfig, left_pad
 from train import checkpoint as ckpt
-from train import losses, metrics, optim
+from train import optim
 from train import stage as stagelib
-from train.pretrain import LM_KEYS, check_query_blocks, lm_model_config
+from train.pretrain import check_query_blocks, lm_model_config, setup_lm
 
 BUILTIN = "shakespeare"  # data.path naming the built-in dialogue chats of the plays
 
@@ -111,18 +111,7 @@ class SFT(stagelib.Stage):
       else (None, {})
     )
     self.replies = _reply_prompts(held_out, dc.eval_replies)
-    self.model = stagelib.build_model(
-      "lm", self.model_cfg, self.opt_cfg, self.mesh, tc.seed, source
-    )
-    self.graphdef = self.model.graphdef
-    self.states = {"model": self.model.state}
-    self.state_shardings = {"model": self.model.shardings}
-    self.n_params = self.model.n_params
-    loss_fn = lambda model, batch, rng: losses.lm_loss(model, batch, rng, z_loss=tc.z_loss)
-    self.steps = {"model": stagelib.train_step(self.model, self.mesh, LM_KEYS, loss_fn)}
-    self.eval_step = stagelib.eval_step(self.model, self.mesh, LM_KEYS, loss_fn)
-    self.tokens_per_iteration = dc.batch_size * dc.seq_len
-    self.flops_per_token = metrics.flops_per_token(self.model_cfg, self.n_params, dc.seq_len)
+    setup_lm(self, source, dc.seq_len, dc.batch_size)
     block, blocks = self.mesh.block(dc.batch_size)
     self._it = chat.array_iterator(
       self.train_arrays,
