@@ -182,6 +182,19 @@ def _leaf_paths(tree) -> set[str]:
   }
 
 
+def _quietly(fn):
+  """fn() with orbax's warnings held back: reading one item of a composite checkpoint warns
+  that the item has no metadata file of its own, which is how composites are written."""
+  from absl import logging
+
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    return fn()
+  finally:
+    logging.set_verbosity(level)
+
+
 def _read_checkpoint(source: Source, target: dict) -> dict:
   """Reads the source state's parameters named by `target` (ShapeDtypeStructs carrying their
   shardings): each device reads only its shard, whatever layout saved them."""
@@ -190,7 +203,7 @@ def _read_checkpoint(source: Source, target: dict) -> dict:
     item, prefix = os.path.join(path, ckpt.STATES), (source.state,)
   else:
     item, prefix = os.path.join(path, ckpt.LEGACY_STATE), ()
-  saved = dict(ocp.StandardCheckpointer().metadata(item).item_metadata)
+  saved = dict(_quietly(lambda: ocp.StandardCheckpointer().metadata(item).item_metadata))
   for key in prefix:
     saved = dict(saved.get(key, {}))
   # orbax's partial restore fills what the checkpoint lacks with placeholders: compare first.
