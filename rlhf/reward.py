@@ -158,7 +158,7 @@ def fit_norm(scores) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-def _pairs(dc: RMDataConfig) -> tuple[list, list]:
+def preference_pairs(dc: RMDataConfig) -> tuple[list, list]:
   """(training pairs, held-out pairs) from data.path and data.val_path or data.val_fraction."""
   pairs = list(sources.read_preferences(dc.path))
   if dc.val_path:
@@ -166,7 +166,7 @@ def _pairs(dc: RMDataConfig) -> tuple[list, list]:
   return chat.split_held_out(pairs, dc.val_fraction, dc.seed)
 
 
-def _texts(pairs) -> list[str]:
+def pair_texts(pairs) -> list[str]:
   return [t for p in pairs for t in (*(m["content"] for m in p.prompt), p.chosen, p.rejected)]
 
 
@@ -187,9 +187,9 @@ class RewardModel(stagelib.Stage):
     self.norm_cfg = stagelib.section(NormConfig, config.get("rlhf", {}), "rlhf")
     check_query_blocks(config, dc.seq_len)
     source = stagelib.init_source(tc)
-    train, held_out = _pairs(dc)
+    train, held_out = preference_pairs(dc)
     self.tokenizer = stagelib.stage_tokenizer(
-      dc.tokenizer, dc.vocab_size, source, _texts(train + held_out), workdir
+      dc.tokenizer, dc.vocab_size, source, pair_texts(train + held_out), workdir
     )
     self.model_cfg = lm_model_config(config, self.tokenizer, source, dc.seq_len)
     self._check_policy()

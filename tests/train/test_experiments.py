@@ -8,6 +8,7 @@ import pytest
 import configs.experiments
 from data.corpus import DataConfig
 from model.config import ModelConfig
+from rlhf.dpo import DPOConfig
 from rlhf.ppo import PPOConfig
 from rlhf.reward import RMDataConfig
 from tests.model.conftest import param_count
@@ -35,10 +36,13 @@ def test_experiment_config_is_valid(name):
     given = {k: c.rlhf[k] or "given/by/the/test" for k in ("prompts", "reward")}
     section(PPOConfig, {**c.rlhf, **given}, "rlhf")
     return
+  if c.stage == "rlhf.dpo":
+    section(DPOConfig, c.rlhf, "rlhf")
   data_config = {
     "train.pretrain": DataConfig,
     "train.sft": SFTDataConfig,
     "rlhf.reward": RMDataConfig,
+    "rlhf.dpo": RMDataConfig,
   }[c.stage]
   section(data_config, {**c.data, "path": c.data.get("path") or "given/by/the/test"}, "data")
 

@@ -1,6 +1,6 @@
 """Exact resume: a run stopped by SIGTERM or SIGINT, or killed with -9 after a checkpoint, and resumed
 has bitwise the losses and final parameters of an uninterrupted run (CPU), dropout included:
-pretraining, SFT, the reward model and PPO, each through the one loop."""
+pretraining, SFT, the reward model, PPO and DPO, each through the one loop."""
 
 import json
 import os
@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STEPS = 200
 
 
-@pytest.fixture(scope="module", params=["pretrain", "sft", "rm", "ppo"])
+@pytest.fixture(scope="module", params=["pretrain", "sft", "rm", "ppo", "dpo"])
 def prepared(request, tmp_path_factory):
   """A stage's data made once, shared by every run (so runs differ only in interruption):
   token shards for pretraining, a chat JSONL for SFT, preference pairs for the reward model.
@@ -39,6 +39,12 @@ def prepared(request, tmp_path_factory):
     sum_pairs(root / "pairs.jsonl", all_sum_pairs(seed=0)[:400])
     return [
       "--config=configs/experiments/rm_tiny_test.py",
+      f"--config.data.path={root / 'pairs.jsonl'}",
+    ]
+  if request.param == "dpo":  # the reward model's pairs; reference logprobs stored with them
+    sum_pairs(root / "pairs.jsonl", all_sum_pairs(seed=0)[:400])
+    return [
+      "--config=configs/experiments/dpo_tiny_test.py",
       f"--config.data.path={root / 'pairs.jsonl'}",
     ]
   if request.param == "ppo":  # 40 iterations: beta, both models, prompts and sampling keys
@@ -61,7 +67,12 @@ def prepared(request, tmp_path_factory):
 def steps_of(prepared):
   """Pretraining runs 200 steps; the post-training stages, whose state is more than one
   iterator, as many as a signal after 15 logged steps and a kill after checkpoint 20 need."""
-  for name, steps in (("ppo_tiny_test", 40), ("sft_tiny_test", 60), ("rm_tiny_test", 60)):
+  for name, steps in (
+    ("ppo_tiny_test", 40),
+    ("sft_tiny_test", 60),
+    ("rm_tiny_test", 60),
+    ("dpo_tiny_test", 60),
+  ):
     if f"--config=configs/experiments/{name}.py" in prepared:
       return steps
   return STEPS
