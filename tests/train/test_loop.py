@@ -137,6 +137,9 @@ def test_evaluate_matches_scoring_each_document_piece_alone(tmp_path):
   n_rows = -(-len(stream) // row_len)
   assert n_rows % run.data_cfg.eval_batch_size, "the last batch should be padded"
   model = nnx.merge(run.graphdef, jax.device_get(params))
+  # Each piece alone, right-padded to one length so the forward compiles once: causal
+  # attention keeps the padding after a piece out of its logits.
+  alone = jax.jit(lambda toks: model(toks))
   nll = correct = count = 0.0
   for r in range(n_rows):
     lo, hi = r * row_len, min((r + 1) * row_len, len(stream))
@@ -145,7 +148,9 @@ def test_evaluate_matches_scoring_each_document_piece_alone(tmp_path):
       piece = stream[a:b].astype(np.int32)
       if len(piece) < 2:
         continue
-      logits = np.asarray(model(jnp.asarray(piece[None, :-1])))[0]
+      padded = np.zeros((1, row_len), np.int32)
+      padded[0, : len(piece) - 1] = piece[:-1]
+      logits = np.asarray(alone(jnp.asarray(padded)))[0, : len(piece) - 1]
       logp = log_softmax64(logits)
       nll -= logp[np.arange(len(piece) - 1), piece[1:]].sum()
       correct += (logits.argmax(-1) == piece[1:]).sum()
