@@ -14,7 +14,6 @@ from data import chat
 from model import axes
 from model.logprobs import token_logprobs
 from rlhf.reward import RMDataConfig, pair_texts, preference_pairs
-from train import checkpoint as ckpt
 from train import metrics, optim
 from train import stage as stagelib
 from train import step as steplib
@@ -123,13 +122,14 @@ def _gather(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-class DPO(stagelib.Stage):
+class DPO(stagelib.BatchStage):
   """A language model ('policy') trained with DPO (or IPO) on preference pairs. The reference
   (train.init_from's weights, or a copy of the random init) scores every pair once, before
   training; its logprobs travel with the pairs, so the update step never takes a frozen model.
   Evaluation is the held-out loss, implicit rewards, their margin and accuracy."""
 
   name = "dpo"
+  state_name = STATE
 
   def __init__(self, config, workdir: str):
     self.train_cfg = tc = stagelib.section(stagelib.TrainConfig, config.train, "train")
@@ -142,9 +142,7 @@ class DPO(stagelib.Stage):
       dc.tokenizer, dc.vocab_size, source, pair_texts(train + held_out), workdir
     )
     self.model_cfg = lm_model_config(config, self.tokenizer, source, dc.seq_len)
-    opt_fields = dict(config.opt)
-    opt_fields["total_steps"] = opt_fields.get("total_steps") or tc.steps
-    self.opt_cfg = stagelib.section(optim.OptimConfig, opt_fields, "opt")
+    self.opt_cfg = stagelib.opt_config(config, tc.steps)
 
     self.mesh = mesh = stagelib.make_mesh(config)
     mesh.check_batch("data.batch_size", dc.batch_size, self.opt_cfg.grad_accum)
@@ -231,16 +229,6 @@ class DPO(stagelib.Stage):
   def params(self):
     return self.states[STATE].params
 
-  def updates(self):
-    yield STATE, self.mesh.shard(next(self._it))
-
-  def host_state(self) -> dict:
-    return {"data": self._it.get_state()}
-
-  def load_host_state(self, state: dict) -> None:
-    if "data" in state:
-      self._it.set_state(ckpt.data_state_for_this_process(state["data"], self._it.get_state()))
-
   def models(self):
     return {STATE: ("lm", self.model_cfg)}
 
@@ -262,9 +250,6 @@ class DPO(stagelib.Stage):
     # Not "loss": the loop reads that as a language model's, with a perplexity.
     result = {k.replace("loss_sum", "dpo_loss"): v / max(pairs, 1.0) for k, v in totals.items()}
     return {**result, "pairs": pairs}
-
-  def close(self):
-    self._it.close()
 
 
 def build(config, workdir: str) -> DPO:

@@ -18,8 +18,8 @@ from rlhf import rewards, rollout
 from rlhf.kl import CONTROLLERS, ESTIMATORS, KLController
 from rlhf.objectives import ppo_policy_loss_fn, ppo_shared_loss_fn, ppo_value_loss_fn
 from rlhf.score import advantages, jit_forward
-from train import optim, weights
 from train import stage as stagelib
+from train import weights
 from train.pretrain import lm_model_config
 
 POLICY_KEYS = ("tokens", "positions", "mask", "response_mask", "old_logprobs", "advantages")
@@ -128,10 +128,7 @@ class PPO(stagelib.Stage):
     self.model_cfg = dataclasses.replace(
       lm_model_config(config, tok, source, seq_len), **no_dropout
     )
-    opt_fields = dict(config.opt)
-    updates = tc.steps * rl.epochs * rl.minibatches
-    opt_fields["total_steps"] = opt_fields.get("total_steps") or updates
-    self.opt_cfg = stagelib.section(optim.OptimConfig, opt_fields, "opt")
+    self.opt_cfg = stagelib.opt_config(config, tc.steps * rl.epochs * rl.minibatches)
 
     self.mesh = mesh = stagelib.make_mesh(config)
     mesh.check_batch("rlhf.batch_size", rl.batch_size)

@@ -18,7 +18,6 @@ from data.tokenizer import tokenizer_to_json
 from model import axes
 from model.sampling import Sampler, SamplingConfig
 from model.transformer import last_token_values
-from train import checkpoint as ckpt
 from train import metrics, optim, partitioning, weights
 from train import stage as stagelib
 from train import step as steplib
@@ -174,12 +173,13 @@ def _batch_shardings(mesh: stagelib.Mesh) -> dict:
   return {k: mesh.batch_sharding(1 if k == "margin" else 2) for k in RM_KEYS}
 
 
-class RewardModel(stagelib.Stage):
+class RewardModel(stagelib.BatchStage):
   """A scalar-head model ('reward') trained on preference pairs; evaluation is the held-out
   Bradley-Terry loss, pairwise accuracy and mean reward gap. Every checkpoint carries the
   normalisation ("reward_norm") fitted to the current parameters."""
 
   name = "reward"
+  state_name = STATE
 
   def __init__(self, config, workdir: str):
     self.train_cfg = tc = stagelib.section(stagelib.TrainConfig, config.train, "train")
@@ -193,9 +193,7 @@ class RewardModel(stagelib.Stage):
     )
     self.model_cfg = lm_model_config(config, self.tokenizer, source, dc.seq_len)
     self._check_policy()
-    opt_fields = dict(config.opt)
-    opt_fields["total_steps"] = opt_fields.get("total_steps") or tc.steps
-    self.opt_cfg = stagelib.section(optim.OptimConfig, opt_fields, "opt")
+    self.opt_cfg = stagelib.opt_config(config, tc.steps)
 
     self.mesh = stagelib.make_mesh(config)
     self.mesh.check_batch("data.batch_size", dc.batch_size, self.opt_cfg.grad_accum)
@@ -275,16 +273,6 @@ class RewardModel(stagelib.Stage):
   def params(self):
     return self.states[STATE].params
 
-  def updates(self):
-    yield STATE, self.mesh.shard(next(self._it))
-
-  def host_state(self) -> dict:
-    return {"data": self._it.get_state()}
-
-  def load_host_state(self, state: dict) -> None:
-    if "data" in state:
-      self._it.set_state(ckpt.data_state_for_this_process(state["data"], self._it.get_state()))
-
   def models(self):
     return {STATE: ("scalar", self.model_cfg)}
 
@@ -362,9 +350,6 @@ class RewardModel(stagelib.Stage):
     if self._norm is None or self._norm[0] != step:
       self._norm = (step, fit_norm(self.scores(*self.norm_rows())))
     return dict(self._norm[1])
-
-  def close(self):
-    self._it.close()
 
 
 def build(config, workdir: str) -> RewardModel:

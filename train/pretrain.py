@@ -10,7 +10,7 @@ from data.pipeline import eval_batches, pretrain_iterator
 from model.config import ModelConfig
 from model.sampling import Sampler, SamplingConfig, left_pad
 from train import checkpoint as ckpt
-from train import distributed, losses, metrics, optim, weights
+from train import distributed, losses, metrics, weights
 from train import stage as stagelib
 
 LM_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -94,9 +94,7 @@ class Pretrain(stagelib.Stage):
         f"must leave room to sample within model.max_seq_len="
         f"{self.model_cfg.max_seq_len}"
       )
-    opt_fields = dict(config.opt)
-    opt_fields["total_steps"] = opt_fields.get("total_steps") or tc.steps
-    self.opt_cfg = stagelib.section(optim.OptimConfig, opt_fields, "opt")
+    self.opt_cfg = stagelib.opt_config(config, tc.steps)
 
     self.mesh = stagelib.make_mesh(config)
     self.mesh.check_batch("data.batch_size", dc.batch_size, self.opt_cfg.grad_accum)

@@ -10,8 +10,6 @@ import numpy as np
 from data import chat, sources
 from data.sources import DataError
 from model.sampling import Sampler, SamplingConfig, left_pad
-from train import checkpoint as ckpt
-from train import optim
 from train import stage as stagelib
 from train.pretrain import check_query_blocks, lm_model_config, setup_lm
 
@@ -78,11 +76,12 @@ def _reply_prompts(examples, n: int):
   return out
 
 
-class SFT(stagelib.Stage):
+class SFT(stagelib.BatchStage):
   """One language model ('model') fine-tuned on chats; evaluation is the held-out loss and
   greedy replies to held-out prompts (with their exact-match rate)."""
 
   name = "sft"
+  state_name = "model"
   echo_samples = True
 
   def __init__(self, config, workdir: str):
@@ -95,9 +94,7 @@ class SFT(stagelib.Stage):
       dc.tokenizer, dc.vocab_size, source, _texts(train + held_out), workdir
     )
     self.model_cfg = lm_model_config(config, self.tokenizer, source, dc.seq_len)
-    opt_fields = dict(config.opt)
-    opt_fields["total_steps"] = opt_fields.get("total_steps") or tc.steps
-    self.opt_cfg = stagelib.section(optim.OptimConfig, opt_fields, "opt")
+    self.opt_cfg = stagelib.opt_config(config, tc.steps)
 
     self.mesh = stagelib.make_mesh(config)
     self.mesh.check_batch("data.batch_size", dc.batch_size, self.opt_cfg.grad_accum)
@@ -128,16 +125,6 @@ class SFT(stagelib.Stage):
   @property
   def params(self):
     return self.states["model"].params
-
-  def updates(self):
-    yield "model", self.mesh.shard(next(self._it))
-
-  def host_state(self) -> dict:
-    return {"data": self._it.get_state()}
-
-  def load_host_state(self, state: dict) -> None:
-    if "data" in state:
-      self._it.set_state(ckpt.data_state_for_this_process(state["data"], self._it.get_state()))
 
   def models(self):
     return {"model": ("lm", self.model_cfg)}
@@ -189,9 +176,6 @@ class SFT(stagelib.Stage):
       lines.append(f"{conversation[-1]['role']}: {conversation[-1]['content']!r}")
       lines.append(f"  reply: {reply!r}  (reference {want!r})")
     return {"replies": "\n".join(lines)}
-
-  def close(self):
-    self._it.close()
 
 
 def build(config, workdir: str) -> SFT:

@@ -110,6 +110,35 @@ class Stage:
     pass
 
 
+class BatchStage(Stage):
+  """A stage that trains one state, `state_name`, on batches from one resumable iterator
+  (`self._it`): SFT, the reward model, DPO."""
+
+  state_name = "model"
+
+  def updates(self):
+    yield self.state_name, self.mesh.shard(next(self._it))
+
+  def host_state(self) -> dict:
+    return {"data": self._it.get_state()}
+
+  def load_host_state(self, state: dict) -> None:
+    from train import checkpoint as ckpt
+
+    if "data" in state:
+      self._it.set_state(ckpt.data_state_for_this_process(state["data"], self._it.get_state()))
+
+  def close(self):
+    self._it.close()
+
+
+def opt_config(config, total_steps: int) -> optim.OptimConfig:
+  """config.opt, its schedule as long as the run's optimizer steps unless it says otherwise."""
+  fields = dict(config.opt)
+  fields["total_steps"] = fields.get("total_steps") or total_steps
+  return section(optim.OptimConfig, fields, "opt")
+
+
 def build_stage(config, workdir: str) -> Stage:
   """The stage that `config.stage` names: a module with `build(config, workdir) -> Stage`."""
   name = config.get("stage", "train.pretrain") or "train.pretrain"
