@@ -20,31 +20,29 @@ from rlhf.reward import score as reward_score
 def forward(
   policy, ref, critic, reward, batch, *, graphdefs, temperature: float, exact_kl: bool, mesh, rules
 ):
-  """The rollout's forward passes: policy (old) and reference logprobs of each response token,
-  the critic's values and the reward model's score (zeros for a model that is None)."""
+  """The rollout's forward passes, each for a model that is not None: the policy's (old) and
+  the reference's logprobs of each response token, the critic's values, the reward model's
+  score, and with both policy and reference the exact KL per token."""
   with axes.axis_rules(mesh, rules):
     n = batch["response_mask"].shape[1]
     targets = batch["tokens"][:, -n:]
-    policy_logits = response_logits(nnx.merge(graphdefs["policy"], policy), batch)
-    ref_logits = response_logits(nnx.merge(graphdefs["ref"], ref), batch)
-    out = {
-      "old_logprobs": token_logprobs(policy_logits, targets, temperature),
-      "ref_logprobs": token_logprobs(ref_logits, targets, temperature),
-    }
-    zeros = jnp.zeros(targets.shape, jnp.float32)
-    out["values"] = (
-      zeros if critic is None else response_values(nnx.merge(graphdefs["critic"], critic), batch)
-    )
-    if reward is None:
-      out["rm_scores"] = zeros[:, 0]
-    else:  # at each sequence's last real token: its EOS when it stopped
+    out = {}
+    if policy is not None:
+      policy_logits = response_logits(nnx.merge(graphdefs["policy"], policy), batch)
+      out["old_logprobs"] = token_logprobs(policy_logits, targets, temperature)
+    if ref is not None:
+      ref_logits = response_logits(nnx.merge(graphdefs["ref"], ref), batch)
+      out["ref_logprobs"] = token_logprobs(ref_logits, targets, temperature)
+    if critic is not None:
+      out["values"] = response_values(nnx.merge(graphdefs["critic"], critic), batch)
+    if reward is not None:  # at each sequence's last real token: its EOS when it stopped
       out["rm_scores"] = reward_score(
         graphdefs["reward"], reward, batch["tokens"], batch["mask"], batch["positions"]
       )
-    if exact_kl:  # sum over the vocabulary of pi (log pi - log ref), at the same temperature
-      t = temperature if temperature not in (0.0,) else 1.0
-      logp = jax.nn.log_softmax(policy_logits / t, axis=-1)
-      logq = jax.nn.log_softmax(ref_logits / t, axis=-1)
+    if exact_kl and policy is not None and ref is not None:
+      # sum over the vocabulary of pi (log pi - log ref), at the same temperature
+      logp = jax.nn.log_softmax(policy_logits / temperature, axis=-1)
+      logq = jax.nn.log_softmax(ref_logits / temperature, axis=-1)
       out["exact_kl"] = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
   return out
 
