@@ -1,6 +1,6 @@
 """Exact resume: a run stopped by SIGTERM or SIGINT, or killed with -9 after a checkpoint, and resumed
 has bitwise the losses and final parameters of an uninterrupted run (CPU), dropout included:
-pretraining, SFT, the reward model, PPO and DPO, each through the one loop."""
+pretraining, SFT, the reward model, PPO, DPO and GRPO, each through the one loop."""
 
 import json
 import os
@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STEPS = 200
 
 
-@pytest.fixture(scope="module", params=["pretrain", "sft", "rm", "ppo", "dpo"])
+@pytest.fixture(scope="module", params=["pretrain", "sft", "rm", "ppo", "dpo", "grpo"])
 def prepared(request, tmp_path_factory):
   """A stage's data made once, shared by every run (so runs differ only in interruption):
   token shards for pretraining, a chat JSONL for SFT, preference pairs for the reward model.
@@ -47,16 +47,16 @@ def prepared(request, tmp_path_factory):
       "--config=configs/experiments/dpo_tiny_test.py",
       f"--config.data.path={root / 'pairs.jsonl'}",
     ]
-  if request.param == "ppo":  # 40 iterations: beta, both models, prompts and sampling keys
+  if request.param in ("ppo", "grpo"):  # prompts, sampling keys, models, PPO's beta
     with open(root / "prompts.jsonl", "w") as f:
       for word in reversal_chats(root / "words.jsonl", 64, seed=0):
         f.write(json.dumps({"prompt": word}) + "\n")
-    return [
-      "--config=configs/experiments/ppo_tiny_test.py",
+    flags = [
+      f"--config=configs/experiments/{request.param}_tiny_test.py",
       f"--config.rlhf.prompts={root / 'prompts.jsonl'}",
       "--config.rlhf.reward=tests.rlhf.test_ppo:letters_reward",
-      "--config.rlhf.kl_controller=adaptive",
     ]
+    return flags + ["--config.rlhf.kl_controller=adaptive"] if request.param == "ppo" else flags
   reversal_chats(root / "chats.jsonl", 400, seed=0)
   return [
     "--config=configs/experiments/sft_tiny_test.py",
@@ -69,6 +69,7 @@ def steps_of(prepared):
   iterator, as many as a signal after 15 logged steps and a kill after checkpoint 20 need."""
   for name, steps in (
     ("ppo_tiny_test", 40),
+    ("grpo_tiny_test", 40),
     ("sft_tiny_test", 60),
     ("rm_tiny_test", 60),
     ("dpo_tiny_test", 60),
@@ -150,10 +151,19 @@ def assert_same_run(workdir, reference):
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir, steps), want_params)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_and_resumes_exactly(sig, prepared, reference, tmp_path):
-  """A preemption notice (SIGTERM) or Ctrl-C (SIGINT) saves the step it stopped at."""
-  workdir = str(tmp_path)
+def test_sigterm_saves_and_resumes_exactly(prepared, reference, tmp_path):
+  """A preemption notice (SIGTERM) saves the step it stopped at, whatever the stage."""
+  interrupt_and_resume(signal.SIGTERM, prepared, reference, str(tmp_path))
+
+
+@pytest.mark.parametrize("prepared", ["pretrain"], indirect=True)
+def test_sigint_saves_and_resumes_exactly(prepared, reference, tmp_path):
+  """Ctrl-C (SIGINT) goes through the same handler as SIGTERM in every stage; pretraining's
+  run shows it saves and resumes too."""
+  interrupt_and_resume(signal.SIGINT, prepared, reference, str(tmp_path))
+
+
+def interrupt_and_resume(sig, prepared, reference, workdir):
   proc = start(workdir, prepared)
   metrics = os.path.join(workdir, "metrics.jsonl")
   wait_for(lambda: os.path.exists(metrics) and len(read_metrics(metrics)) >= 15, proc)
