@@ -1,5 +1,6 @@
-"""RL throughput: PPO iteration time split into rollout, scoring and update, episodes/s, and
-rollout tokens/s, at the shapes of the TRL 1.12 PPO peer in docs/benchmarks.md.
+"""RL throughput at the shapes of the TRL peers in docs/benchmarks.md: PPO's and GRPO's
+iteration time split into rollout, scoring and update, episodes/s and rollout tokens/s; DPO's
+steps/s and the one-off cost of its reference pass.
 
 .venv/bin/python -m bench.rl --iterations 12
 """
@@ -86,20 +87,13 @@ def ppo_config(root: str, reward: str, batch: int, response_len: int):
   return c
 
 
-def run(iterations: int, batch: int, response_len: int) -> dict:
-  from data.tokenizer import CharTokenizer
-  from model.config import ModelConfig
+def timed_iterations(stage, iterations: int, episodes: int) -> dict:
+  """Medians over `iterations` loop iterations (after two to compile and settle) of the
+  iteration's wall time and its phases, and episodes/s."""
   from tests.rlhf.test_ppo import run_iteration
-  from train.stage import build_stage
 
-  root = tempfile.mkdtemp()
-  tok = CharTokenizer.from_text(LETTERS)
-  assert tok.vocab_size == 16, tok.vocab_size
-  rm = reward_checkpoint(root, tok, ModelConfig(**SHAPE))
-  stage = build_stage(ppo_config(root, rm, batch, response_len), os.path.join(root, "run"))
-  assert 1.0e6 < stage.n_params < 1.1e6, stage.n_params
   rows = []
-  for i in range(iterations + 2):  # two to compile and settle
+  for i in range(iterations + 2):
     t0 = time.perf_counter()
     run_iteration(stage)
     total = time.perf_counter() - t0
@@ -108,16 +102,106 @@ def run(iterations: int, batch: int, response_len: int) -> dict:
       rows.append((total, m["rollout_s"], m["scoring_s"], m["update_s"], m["response_length"]))
   med = [statistics.median(col) for col in zip(*rows)]
   return {
-    "batch": batch,
-    "response_len": response_len,
+    "episodes": episodes,
     "iteration_s": med[0],
     "rollout_s": med[1],
     "scoring_s": med[2],
     "update_s": med[3],
-    "episodes_per_s": batch / med[0],
-    "rollout_tokens_per_s": batch * med[4] / med[1],
+    "episodes_per_s": episodes / med[0],
+    "rollout_tokens_per_s": episodes * med[4] / med[1],
     "params": stage.n_params,
   }
+
+
+def run(iterations: int, batch: int, response_len: int) -> dict:
+  from data.tokenizer import CharTokenizer
+  from model.config import ModelConfig
+  from train.stage import build_stage
+
+  root = tempfile.mkdtemp()
+  tok = CharTokenizer.from_text(LETTERS)
+  assert tok.vocab_size == 16, tok.vocab_size
+  rm = reward_checkpoint(root, tok, ModelConfig(**SHAPE))
+  stage = build_stage(ppo_config(root, rm, batch, response_len), os.path.join(root, "run"))
+  assert 1.0e6 < stage.n_params < 1.1e6, stage.n_params
+  return {"response_len": response_len, **timed_iterations(stage, iterations, batch)}
+
+
+def run_grpo(iterations: int, beta: float, prompts: int = 16, group: int = 8) -> dict:
+  """GRPO at the TRL GRPOTrainer peer's shapes: 16 prompts x 8 samples of at most 4 tokens,
+  one on-policy update per batch, a programmatic reward; beta 0 loads no reference."""
+  from train.stage import build_stage
+
+  root = tempfile.mkdtemp()
+  c = ppo_config(root, "bench.rl:letters_reward", prompts, 4)
+  c.stage = "rlhf.grpo"
+  for key in ("epochs", "minibatches"):
+    del c.rlhf[key]
+  c.rlhf.update(group_size=group, beta=beta)
+  stage = build_stage(c, os.path.join(root, "run"))
+  return {"beta": beta, **timed_iterations(stage, iterations, prompts * group)}
+
+
+def run_dpo(steps: int, batch: int = 64, seq_len: int = 32) -> dict:
+  """DPO steps/s on 1024 pairs of letter strings (the peer model's size), and the reference
+  pass's one-off cost when the stage is built."""
+  import ml_collections
+  import numpy as np
+
+  from configs import base
+  from train.stage import build_stage
+
+  root = tempfile.mkdtemp()
+  rng = np.random.default_rng(0)
+  with open(os.path.join(root, "pairs.jsonl"), "w") as f:
+    for _ in range(1024):
+      prompt, chosen, rejected = ("".join(rng.choice(list(LETTERS), n)) for n in (9, 8, 8))
+      f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+  c = base.get_config()
+  c.stage = "rlhf.dpo"
+  c.model = base.model_config("tiny", **SHAPE)
+  c.data = ml_collections.ConfigDict(
+    dict(
+      path=os.path.join(root, "pairs.jsonl"),
+      tokenizer="char",
+      seq_len=seq_len,
+      batch_size=batch,
+      eval_batch_size=256,
+      val_fraction=0.0,
+    )
+  )
+  c.rlhf = ml_collections.ConfigDict(dict(beta=0.1))
+  c.train.update(progress=False, tensorboard=False, checkpoint_every=0, eval_every=0)
+  c.mesh.grad_reduce = "flat" if DEVICES > 1 else "xla"
+  stage = build_stage(c, os.path.join(root, "run"))
+  step, times = stage.steps["policy"], []
+  for i, (name, batch_arrays) in enumerate(_batches(stage, steps + 2)):
+    t0 = time.perf_counter()
+    stage.states[name], m = step(stage.states[name], batch_arrays)
+    jax_block(m)
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  return {
+    "pairs": 1024,
+    "batch": batch,
+    "seq_len": seq_len,
+    "reference_pass_s": stage.reference_s,
+    "step_s": step_s,
+    "steps_per_s": 1.0 / step_s,
+    "pairs_per_s": batch / step_s,
+  }
+
+
+def _batches(stage, n: int):
+  for _ in range(n):
+    yield from stage.updates()
+
+
+def jax_block(x):
+  import jax
+
+  return jax.block_until_ready(x)
 
 
 def decode_rate(batch: int, new_tokens: int, repeats: int = 5) -> dict:
@@ -182,6 +266,8 @@ def main():
   p.add_argument("--devices", type=int, default=2, help="CPU devices (data parallel)")
   args = p.parse_args()
   result = {"devices": DEVICES, "ppo": run(args.iterations, 64, 4)}
+  result["grpo"] = [run_grpo(args.iterations, beta) for beta in (0.0, 0.04)]
+  result["dpo"] = run_dpo(args.iterations * 2)
   result["decode"] = [decode_rate(b, 32) for b in (16, 64)]
   result["limits"] = limits()
   result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

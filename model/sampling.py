@@ -148,8 +148,23 @@ def pick_and_advance(graphdef, state, logits_BxV, pos_B, cache, rng, i, cfg: Sam
   return token_B, logprob_B, logits_BxV, pos_B + 1, cache
 
 
-def generate(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig):
-  """Samples continuations of left-padded prompts. Pure; jit it with graphdef and cfg static."""
+def _repeat_rows(logits_BxV, pos_B, cache: KVCache, samples: int):
+  """Each prompt's prefill state repeated `samples` times, consecutively."""
+  rep = lambda x, axis: jnp.repeat(x, samples, axis=axis)
+  cache = cache._replace(
+    k_NxBxGxTxK=rep(cache.k_NxBxGxTxK, 1),
+    v_NxBxGxTxK=rep(cache.v_NxBxGxTxK, 1),
+    segment_ids_BxT=rep(cache.segment_ids_BxT, 0),
+  )
+  return rep(logits_BxV, 0), rep(pos_B, 0), _constrain_cache(cache)
+
+
+def generate(
+  graphdef, state, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig, samples: int = 1
+):
+  """Samples continuations of left-padded prompts, `samples` per prompt (rows [i S, (i + 1) S)
+  continue prompt i, whose prefill runs once). Pure; jit it with graphdef, cfg and samples
+  static."""
   model = nnx.merge(graphdef, state)
   b, p = prompt_BxP.shape
   n = cfg.max_new_tokens
@@ -160,6 +175,9 @@ def generate(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCon
       f"max_seq_len {mcfg.max_seq_len} (learned positions)"
     )
   logits_BxV, pos_B, cache = _prefill(model, prompt_BxP, prompt_mask_BxP, p + n)
+  if samples > 1:
+    logits_BxV, pos_B, cache = _repeat_rows(logits_BxV, pos_B, cache, samples)
+    b *= samples
 
   def cond(carry):
     i, _, _, done_B, *_ = carry
@@ -228,7 +246,7 @@ class Sampler:
       raise ValueError(f"Sampler bucket must be > 0, got {bucket}")
     self.graphdef, self.mesh, self.rules, self.bucket = graphdef, mesh, tuple(rules), bucket
     self._generate = jax.jit(
-      self._in_rules(functools.partial(generate, graphdef)), static_argnames=("cfg",)
+      self._in_rules(functools.partial(generate, graphdef)), static_argnames=("cfg", "samples")
     )
     self._prefill = jax.jit(
       self._in_rules(functools.partial(prefill, graphdef)), static_argnames=("total_len",)
@@ -248,17 +266,25 @@ class Sampler:
 
     return traced
 
-  def __call__(self, state, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig):
+  def __call__(
+    self, state, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig, samples: int = 1
+  ):
+    """`samples` continuations of each prompt (rows [i S, (i + 1) S) are prompt i's), from one
+    prefill per prompt."""
+    if samples < 1:
+      raise ValueError(f"samples per prompt must be >= 1, got {samples}")
     prompt_mask_BxP = _check_left_padded(prompt_mask_BxP)
     b = prompt_mask_BxP.shape[0]
     rows = _round_up(b, self._batch_split())
     if rows == b:
-      return self._generate(state, prompt_BxP, prompt_mask_BxP, rng, cfg=cfg)
+      return self._generate(state, prompt_BxP, prompt_mask_BxP, rng, cfg=cfg, samples=samples)
     # Rows are split over the batch's mesh axes: fill the batch with copies of the first
     # prompt (each row samples on its own) and return the rows asked for.
     fill = lambda x: np.concatenate([np.asarray(x), np.repeat(np.asarray(x)[:1], rows - b, 0)])
-    out = self._generate(state, fill(prompt_BxP), fill(prompt_mask_BxP), rng, cfg=cfg)
-    return SampleOutput(*(x[:b] for x in out))
+    out = self._generate(
+      state, fill(prompt_BxP), fill(prompt_mask_BxP), rng, cfg=cfg, samples=samples
+    )
+    return SampleOutput(*(x[: b * samples] for x in out))
 
   def _batch_split(self) -> int:
     """How many ways the rules split the batch on this mesh (1 without a mesh)."""

@@ -4,6 +4,7 @@ reference logprobs computed once, before training, and stored with the pairs."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +162,7 @@ class DPO(stagelib.BatchStage):
     self.n_params = self.model.n_params
 
     # The reference scores every pair now, then is dropped.
+    t0 = time.perf_counter()
     if source is None:  # the reference is the policy's initial weights
       ref_graphdef = self.graphdef
       ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(self.model.state.params)
@@ -170,6 +172,7 @@ class DPO(stagelib.BatchStage):
     if self.val_arrays is not None:
       self._add_reference(self.val_arrays, ref_graphdef, ref_params)
     del ref_params
+    self.reference_s = time.perf_counter() - t0  # the one-off reference pass, compile included
 
     loss_fn = make_loss_fn(self.dpo_cfg)
     common = dict(graphdef=self.graphdef, mesh=mesh.mesh, rules=mesh.rules)

@@ -21,7 +21,10 @@ ADVANTAGES = ("group", "batch", "none", "rloo")
 AGGREGATIONS = ("token_mean", "seq_mean", "fixed_sum")
 KL_PENALTIES = ("loss", "reward")
 LOSS_KL_ESTIMATORS = ("k3", "k2")
-BASE_KEYS = ("tokens", "positions", "mask", "response_mask", "advantages")
+# The update batch, grouped: prompts [P, S] once, their G responses and per-token arrays
+# [P, G, N] (rlhf/objectives.py grouped_response_logits).
+PROMPT_KEYS = ("prompt_tokens", "prompt_mask")
+BASE_KEYS = PROMPT_KEYS + ("response_tokens", "response_mask", "advantages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +110,8 @@ def group_advantages(rewards_B, group_size: int, how: str = "group", eps: float 
 
 
 def aggregate(loss_BxN, mask_BxN, how: str = "token_mean"):
-  """(sum, count) of per-token losses, the loss being sum / count over the whole batch:
+  """(sum, count) of per-token losses (responses along the last axis), the loss being
+  sum / count over the whole batch:
 
   - token_mean: every response token of the batch weighs the same (DAPO);
   - seq_mean: each sequence's token mean, then the mean over sequences (the GRPO paper's);
@@ -119,11 +123,11 @@ def aggregate(loss_BxN, mask_BxN, how: str = "token_mean"):
   if how == "token_mean":
     return jnp.sum(loss_BxN), jnp.sum(mask)
   if how == "seq_mean":
-    n_B = jnp.sum(mask, axis=1)
+    n_B = jnp.sum(mask, axis=-1)
     has_B = (n_B > 0).astype(jnp.float32)
-    return jnp.sum(jnp.sum(loss_BxN, axis=1) / jnp.maximum(n_B, 1.0)), jnp.sum(has_B)
+    return jnp.sum(jnp.sum(loss_BxN, axis=-1) / jnp.maximum(n_B, 1.0)), jnp.sum(has_B)
   if how == "fixed_sum":
-    return jnp.sum(loss_BxN), jnp.float32(mask.shape[0] * mask.shape[1])
+    return jnp.sum(loss_BxN), jnp.float32(mask.size)
   raise ValueError(f"loss aggregation {how!r} is unknown; choose one of {AGGREGATIONS}")
 
 
@@ -215,6 +219,8 @@ def _advantages(scores_B, eos_B, response_mask_BxN, old_BxN, ref_BxN, beta, cfg)
     mask_truncated=cfg.mask_truncated,
     mask_flat_groups=cfg.mask_flat_groups,
   )
+  g, n = cfg.group_size, response_mask_BxN.shape[1]
+  out = {k: v.reshape(-1, g, n) for k, v in out.items()}  # grouped: [P, G, N]
   out["kl"] = jnp.mean(kl_B)
   out["flat_fraction"] = jnp.mean(flat_B.astype(jnp.float32))
   out["reward_std"] = mean_std
@@ -227,7 +233,8 @@ def _advantages(scores_B, eos_B, response_mask_BxN, old_BxN, ref_BxN, beta, cfg)
 class GRPO(OnlineStage):
   """One state, 'policy'. The reference is loaded only when beta > 0; the old policy's
   logprobs are computed at scoring only when an update can be off-policy or the KL is a
-  reward term."""
+  reward term. Updates and scoring read each prompt once per group (grouped batches); a
+  minibatch is whole groups."""
 
   name = "grpo"
   passes_name = "iterations"
@@ -238,17 +245,14 @@ class GRPO(OnlineStage):
       config,
       workdir,
       GRPOConfig,
-      rows=rl.batch_size * rl.group_size,
       updates_per_iteration=rl.iterations * rl.minibatches,
       reference=rl.beta > 0,
     )
-    self.keys = BASE_KEYS
-    if not rl.on_policy:
-      self.keys += ("old_logprobs",)
-    else:
-      self.keys += ("sampler_logprobs",)
+    keys = BASE_KEYS + (("sampler_logprobs",) if rl.on_policy else ("old_logprobs",))
     if rl.beta > 0 and rl.kl_penalty == "loss":
-      self.keys += ("ref_logprobs",)
+      keys += ("ref_logprobs",)
+    self.keys = {k: 2 if k in PROMPT_KEYS else 3 for k in keys}
+    self.samples = rl.group_size
     self.states = {"policy": self.policy.state}
     self.state_shardings = {"policy": self.policy.shardings}
     self.steps = {
@@ -265,45 +269,74 @@ class GRPO(OnlineStage):
   def models(self):
     return {"policy": ("lm", self.model_cfg)}
 
-  def expand(self, prompts: dict) -> dict:
-    """Each prompt repeated group_size times, consecutively: rows [i G, (i + 1) G) are
-    prompt i's group."""
-    return {k: np.repeat(np.asarray(v), self.rl.group_size, axis=0) for k, v in prompts.items()}
+  def _chunks(self, batch: dict):
+    """`batch` in minibatches of the update's size (whole groups): scoring runs the shapes
+    the first update runs."""
+    size = self.rows // self.rl.minibatches
+    for k in range(self.rl.minibatches):
+      yield self.take(batch, jnp.arange(k * size, (k + 1) * size))
+
+  def _scoring_forward(self, grouped: dict, out: rollout.Rollout) -> dict:
+    fwd_parts = []
+    policy = self.states["policy"].params if self.score_policy else None
+    if policy is not None or self.ref_params is not None:
+      for chunk in self._chunks(grouped):
+        fwd_parts.append(self.forward(policy, self.ref_params, None, None, chunk))
+    if self.reward_params is not None:  # the reward model reads whole sequences
+      flat = self.mesh.shard(out.device_batch())
+      size = self.rows * self.rl.group_size // self.rl.minibatches
+      for k in range(self.rl.minibatches):
+        chunk = self.take(flat, jnp.arange(k * size, (k + 1) * size))
+        part = self.forward(None, None, None, self.reward_params, chunk)
+        if fwd_parts:
+          fwd_parts[k] = {**fwd_parts[k], **part}
+        else:
+          fwd_parts.append(part)
+    if not fwd_parts:
+      return {}
+    return {k: jnp.concatenate([p[k] for p in fwd_parts]) for k in fwd_parts[0]}
 
   def score(self, prompts, out: rollout.Rollout) -> tuple[dict, dict]:
     rl = self.rl
-    batch = self.mesh.shard(out.device_batch())
-    fwd = {}
-    if self.score_policy or self.ref_params is not None or self.reward_params is not None:
-      # In minibatches of the update's size, as PPO scores (same shapes, same numbers).
-      size = self.rows // rl.minibatches
-      policy = self.states["policy"].params if self.score_policy else None
-      parts = []
-      for k in range(rl.minibatches):
-        chunk = self.take(batch, jnp.arange(k * size, (k + 1) * size))
-        parts.append(self.forward(policy, self.ref_params, None, self.reward_params, chunk))
-      fwd = {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
-    records = [self.records[int(i)] for i in prompts["_index"]]
+    g, n = rl.group_size, out.response_mask_BxN.shape[1]
+    grouped = self.mesh.shard(
+      {
+        "prompt_tokens": prompts["prompt_tokens"],
+        "prompt_mask": prompts["prompt_mask"],
+        "response_tokens": out.response_tokens_BxN.reshape(-1, g, n),
+        "response_mask": out.response_mask_BxN.reshape(-1, g, n),
+      }
+    )
+    fwd = self._scoring_forward(grouped, out)
+    records = [self.records[int(i)] for i in prompts["_index"] for _ in range(g)]
     raw, scores = self.scores(records, out, fwd.get("rm_scores"))
-    mask = out.response_mask_BxN > 0
+    flat = lambda key: None if key not in fwd else fwd[key].reshape(-1, n)
     beta = rl.beta if rl.kl_penalty == "reward" else 0.0
-    dev = self.mesh.shard({"scores": scores, "eos": out.eos_B.astype(np.float32)})
+    dev = self.mesh.shard(
+      {
+        "scores": scores,
+        "eos": out.eos_B.astype(np.float32),
+        "response_mask": out.response_mask_BxN,
+      }
+    )
     adv = self.advantages(
       dev["scores"],
       dev["eos"],
-      batch["response_mask"],
-      fwd.get("old_logprobs"),
-      fwd.get("ref_logprobs"),
+      dev["response_mask"],
+      flat("old_logprobs"),
+      flat("ref_logprobs"),
       jnp.float32(beta),
     )
-    full = {**batch, "advantages": adv["advantages"], "response_mask": adv["response_mask"]}
-    if "old_logprobs" in fwd:
-      full["old_logprobs"] = fwd["old_logprobs"]
-    if "ref_logprobs" in fwd:
-      full["ref_logprobs"] = fwd["ref_logprobs"]
+    full = {**grouped, "advantages": adv["advantages"], "response_mask": adv["response_mask"]}
+    for key in ("old_logprobs", "ref_logprobs"):
+      if key in fwd:
+        full[key] = fwd[key]
     if rl.on_policy:
-      full["sampler_logprobs"] = self.mesh.shard({"s": out.sampler_logprobs_BxN})["s"]
+      full["sampler_logprobs"] = self.mesh.shard({"s": out.sampler_logprobs_BxN.reshape(-1, g, n)})[
+        "s"
+      ]
     full = {k: full[k] for k in self.keys}
+    mask = out.response_mask_BxN > 0
     lengths = out.response_mask_BxN.sum(axis=1)
     figures = {
       "score": float(np.mean(scores)),
@@ -316,13 +349,13 @@ class GRPO(OnlineStage):
       "truncated_fraction": float(1.0 - np.mean(out.eos_B)),
     }
     if "old_logprobs" in fwd:
-      old = np.asarray(jax.device_get(fwd["old_logprobs"]))
+      old = np.asarray(jax.device_get(fwd["old_logprobs"])).reshape(-1, n)
       gap = np.abs(out.sampler_logprobs_BxN - old)[mask]
       figures["logprob_gap_max"] = float(gap.max()) if gap.size else 0.0
     if "ref_logprobs" in fwd and "old_logprobs" in fwd:  # mean summed k1 per episode
       figures["kl"] = float(adv["kl"])
     if "exact_kl" in fwd:
-      exact = np.asarray(jax.device_get(fwd["exact_kl"]))
+      exact = np.asarray(jax.device_get(fwd["exact_kl"])).reshape(-1, n)
       figures["kl_exact"] = float(np.mean((exact * mask).sum(axis=1)))
     return full, figures
 

@@ -10,20 +10,62 @@ from model.logprobs import token_logprobs
 
 
 def response_logits(model, batch):
-  """Logits predicting each response token: the forward over the whole sequence but its last
-  token, read at the positions one before each response token. The sequence is left-padded
-  (segment ids from its mask), so padding never reaches a real token."""
+  """Logits predicting each response token. A flat batch (tokens, positions, mask: prompt and
+  response in one left-padded row) runs the forward over the whole sequence but its last token
+  and reads the positions one before each response token; padding is its own segment, so it
+  never reaches a real token. A grouped batch (prompt_tokens: one row per prompt) goes to
+  grouped_response_logits."""
+  if "prompt_tokens" in batch:
+    return grouped_response_logits(model, batch)
   n = batch["response_mask"].shape[1]
   tokens_BxL = batch["tokens"]
   logits = model(tokens_BxL[:, :-1], batch["positions"][:, :-1], batch["mask"][:, :-1])
   return logits[:, -n:]
 
 
+def response_targets(batch):
+  """The response tokens the logits predict: [B, N] flat, [P, G, N] grouped."""
+  if "prompt_tokens" in batch:
+    return batch["response_tokens"]
+  return batch["tokens"][:, -batch["response_mask"].shape[-1] :]
+
+
+def grouped_response_logits(model, batch):
+  """[P, G, N, V] logits of G responses to each of P prompts, the prompt run once per group.
+
+  The prompt (prompt_tokens, prompt_mask: [P, S], left-padded) fills a KV cache; its G copies
+  then serve the responses (response_tokens, response_mask: [P, G, N]), which run against it
+  as one [P G, N - 1] chunk. The first response token is predicted from the prompt's last
+  state, the others from the chunk's. The same attention as the flat forward (same segments,
+  positions and causality) on (S + G N) / (G (S + N)) of its tokens; the gradient of the
+  shared prompt sums over its group, as the repeat's transpose."""
+  prompt_PxS, pmask_PxS = batch["prompt_tokens"], batch["prompt_mask"].astype(jnp.int32)
+  resp_PxGxN, rmask_PxGxN = batch["response_tokens"], batch["response_mask"]
+  p, s = prompt_PxS.shape
+  _, g, n = resp_PxGxN.shape
+  positions_PxS = jnp.maximum(jnp.cumsum(pmask_PxS, axis=1) - 1, 0)
+  cache = model.init_cache(p, s + n - 1)
+  h_PxSxD, cache = model.hidden(prompt_PxS, positions_PxS, pmask_PxS, cache=cache)
+  h_BxNxD = jnp.repeat(h_PxSxD[:, -1:], g, axis=0)  # B = P G rows, group-major
+  if n > 1:
+    shared = cache._replace(
+      k_NxBxGxTxK=jnp.repeat(cache.k_NxBxGxTxK, g, axis=1),
+      v_NxBxGxTxK=jnp.repeat(cache.v_NxBxGxTxK, g, axis=1),
+      segment_ids_BxT=jnp.repeat(cache.segment_ids_BxT, g, axis=0),
+    )
+    prompt_len_B = jnp.repeat(jnp.sum(pmask_PxS, axis=1), g)
+    tokens_BxM = resp_PxGxN.reshape(p * g, n)[:, :-1]
+    positions_BxM = prompt_len_B[:, None] + jnp.arange(n - 1, dtype=jnp.int32)[None]
+    segments_BxM = rmask_PxGxN.reshape(p * g, n)[:, :-1].astype(jnp.int32)
+    h_rest, _ = model.hidden(tokens_BxM, positions_BxM, segments_BxM, cache=shared)
+    h_BxNxD = jnp.concatenate([h_BxNxD, h_rest], axis=1)
+  return model.logits(h_BxNxD).reshape(p, g, n, -1)
+
+
 def response_logprobs(model, batch, temperature: float):
-  """log pi(response token | everything before it) at `temperature`."""
-  n = batch["response_mask"].shape[1]
+  """log pi(response token | everything before it) at `temperature`, flat or grouped."""
   logits_BxNxV = response_logits(model, batch)
-  return token_logprobs(logits_BxNxV, batch["tokens"][:, -n:], temperature), logits_BxNxV
+  return token_logprobs(logits_BxNxV, response_targets(batch), temperature), logits_BxNxV
 
 
 def response_values(model, batch):

@@ -5,6 +5,7 @@ rollout, decoding, scores and the host state a resume needs."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -74,8 +75,11 @@ def final_scores(raw_B, norm: dict, eos_B, missing_eos_penalty: float) -> np.nda
   return (scores - missing_eos_penalty * (~np.asarray(eos_B, bool))).astype(np.float32)
 
 
-def take(batch, idx):
-  return jax.tree.map(lambda x: x[idx], batch)
+def take(batch, idx, *, mesh):
+  """Rows `idx` of every array, each left sharded along the batch."""
+  return jax.tree.map(
+    lambda x: jax.lax.with_sharding_constraint(x[idx], mesh.batch_sharding(x.ndim)), batch
+  )
 
 
 class OnlineStage(stagelib.Stage):
@@ -88,14 +92,14 @@ class OnlineStage(stagelib.Stage):
     workdir: str,
     config_cls,
     *,
-    rows: int,
     updates_per_iteration: int,
     policy_kind: str = "lm",
     reference: bool = True,
   ):
-    """`rows`: episodes per iteration (sequences sampled); `updates_per_iteration`: optimizer
-    steps of the policy per iteration (the schedule's length is that times train.steps);
-    `reference`: load the frozen reference (False when no KL term reads it)."""
+    """`updates_per_iteration`: optimizer steps of the policy per iteration (the schedule's
+    length is that times train.steps); `reference`: load the frozen reference (False when no
+    KL term reads it). The update batch has rlhf.batch_size rows: one per prompt, whatever the
+    samples per prompt."""
     self.train_cfg = tc = stagelib.section(stagelib.TrainConfig, config.train, "train")
     self.rl = rl = stagelib.section(config_cls, config.rlhf, "rlhf")
     self.source = source = stagelib.init_source(tc)
@@ -114,14 +118,12 @@ class OnlineStage(stagelib.Stage):
     self.opt_cfg = stagelib.opt_config(config, tc.steps * updates_per_iteration)
 
     self.mesh = mesh = stagelib.make_mesh(config)
-    self.rows = rows
-    mesh.check_batch("the episodes of an iteration", rows)
+    self.rows = rows = rl.batch_size
+    mesh.check_batch("rlhf.batch_size", rows)
     if rows % rl.minibatches:
-      raise ValueError(
-        f"the {rows} episodes of an iteration must split into rlhf.minibatches={rl.minibatches}"
-      )
+      raise ValueError(f"rlhf.batch_size={rows} must split into rlhf.minibatches={rl.minibatches}")
     mesh.check_batch(
-      f"a minibatch ({rows} episodes / rlhf.minibatches)",
+      "a minibatch (rlhf.batch_size / rlhf.minibatches)",
       rows // rl.minibatches,
       self.opt_cfg.grad_accum,
     )
@@ -157,7 +159,7 @@ class OnlineStage(stagelib.Stage):
       self.norm = dict(rm_source.items.get("reward_norm", self.norm))
 
     self.n_params = self.policy.n_params
-    self.take = jax.jit(take, out_shardings=mesh.batch_sharding())
+    self.take = jax.jit(functools.partial(take, mesh=mesh))
     self.sampler = Sampler(self.policy.graphdef, mesh.mesh, mesh.rules)
     self.sampling = SamplingConfig(
       max_new_tokens=rl.response_len,
@@ -182,9 +184,11 @@ class OnlineStage(stagelib.Stage):
       process_count=blocks,
     )
 
+  samples = 1  # responses sampled per prompt
+
   def rollout(self, prompt_BxP, prompt_mask_BxP) -> rollout.Rollout:
-    """Samples one response per row with the current policy; the key derives from the seed
-    and the iteration, so a resumed run samples the same responses."""
+    """Samples `samples` responses per prompt with the current policy; the key derives from
+    the seed and the iteration, so a resumed run samples the same responses."""
     rng = jax.random.fold_in(jax.random.PRNGKey(self.rl.seed), self.iteration)
     return rollout.sample(
       self.sampler,
@@ -193,6 +197,7 @@ class OnlineStage(stagelib.Stage):
       prompt_mask_BxP,
       rng,
       self.sampling,
+      self.samples,
     )
 
   def completions(self, out: rollout.Rollout) -> list[str]:
@@ -224,10 +229,6 @@ class OnlineStage(stagelib.Stage):
 
   passes_name = "epochs"  # the config field counting passes over each rollout batch
 
-  def expand(self, prompts: dict) -> dict:
-    """The prompt rows to sample from this iteration's prompts (GRPO repeats each)."""
-    return prompts
-
   def score(self, prompts: dict, out: rollout.Rollout) -> tuple[dict, dict]:
     """The scored batch the updates read, on the mesh, and the iteration's figures."""
     raise NotImplementedError
@@ -244,7 +245,7 @@ class OnlineStage(stagelib.Stage):
     each pass (the same on every process and after a resume); times each phase."""
     rl = self.rl
     t0 = time.perf_counter()
-    prompts = self.expand(next(self._prompts))
+    prompts = next(self._prompts)
     out = self.rollout(prompts["prompt_tokens"], prompts["prompt_mask"])
     t1 = time.perf_counter()
     full, figures = self.score(prompts, out)

@@ -69,7 +69,6 @@ class PPO(OnlineStage):
       config,
       workdir,
       PPOConfig,
-      rows=rl.batch_size,
       updates_per_iteration=rl.epochs * rl.minibatches,
       policy_kind="lm_value" if self.shared else "lm",
     )

@@ -53,17 +53,20 @@ def sample(
   prompt_mask_BxP: np.ndarray,
   rng,
   cfg: SamplingConfig,
+  samples: int = 1,
 ) -> Rollout:
-  """Samples a response per prompt at cfg.temperature. The sampler stops a row at its first
-  cfg.eos_id and writes cfg.pad_id (distinct from EOS) after it, with mask 0."""
+  """Samples `samples` responses per prompt at cfg.temperature (rows [i S, (i + 1) S) answer
+  prompt i, prefilled once). The sampler stops a row at its first cfg.eos_id and writes
+  cfg.pad_id (distinct from EOS) after it, with mask 0."""
   if cfg.eos_id is None or cfg.eos_id == cfg.pad_id:
     raise ValueError(
       f"rollouts need an EOS distinct from PAD (eos {cfg.eos_id}, pad {cfg.pad_id}): with "
       f"PAD = EOS the end is masked out and the policy never learns to stop (TRL #3091)"
     )
-  out = sampler(params, prompt_BxP, prompt_mask_BxP, rng, cfg)
+  out = sampler(params, prompt_BxP, prompt_mask_BxP, rng, cfg, samples)
   response = np.asarray(jax.device_get(out.tokens_BxN))
   response_mask = np.asarray(jax.device_get(out.mask_BxN)).astype(np.int32)
+  prompt_BxP, prompt_mask_BxP = (np.repeat(x, samples, 0) for x in (prompt_BxP, prompt_mask_BxP))
   tokens, mask, positions = sequences(prompt_BxP, prompt_mask_BxP, response, response_mask)
   eos = np.any((response == cfg.eos_id) & (response_mask > 0), axis=1)
   return Rollout(

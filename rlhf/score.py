@@ -13,7 +13,7 @@ from model import axes
 from model.logprobs import token_logprobs
 from rlhf.gae import gae, masked_mean, masked_var, whiten
 from rlhf.kl import kl_estimate
-from rlhf.objectives import response_logits, response_values
+from rlhf.objectives import response_logits, response_targets, response_values
 from rlhf.reward import score as reward_score
 
 
@@ -24,8 +24,7 @@ def forward(
   the reference's logprobs of each response token, the critic's values, the reward model's
   score, and with both policy and reference the exact KL per token."""
   with axes.axis_rules(mesh, rules):
-    n = batch["response_mask"].shape[1]
-    targets = batch["tokens"][:, -n:]
+    targets = response_targets(batch)
     out = {}
     if policy is not None:
       policy_logits = response_logits(nnx.merge(graphdefs["policy"], policy), batch)

@@ -304,9 +304,10 @@ def frozen_params(kind: str, cfg: ModelConfig, mesh: Mesh, source: weights.Sourc
 
 
 def train_step(model: Model, mesh: Mesh, batch_keys, loss_fn, count_name: str = "tokens"):
-  """The one train step, jitted for `model` with a batch of `batch_keys` (all sharded along
-  the batch)."""
-  batch_shardings = {k: mesh.batch_sharding() for k in batch_keys}
+  """The one train step, jitted for `model` with a batch of `batch_keys`, each sharded along
+  the batch: 2-D arrays, or a dict of key -> number of dimensions."""
+  ndims = batch_keys if isinstance(batch_keys, dict) else dict.fromkeys(batch_keys, 2)
+  batch_shardings = {k: mesh.batch_sharding(n) for k, n in ndims.items()}
   return steplib.jit_train_step(
     model.shardings,
     batch_shardings,

@@ -73,6 +73,25 @@ def test_logprobs_equal_teacher_forced_recomputation():
   np.testing.assert_allclose(np.asarray(out.logprobs_BxN)[m], np.asarray(want)[m], atol=1e-4)
 
 
+def test_samples_per_prompt_prefill_once_and_equal_repeated_prompts():
+  """samples=4: each prompt's prefill runs once and its cache serves 4 rows. The tokens and
+  logprobs are those of sampling the prompts repeated 4 times (same key, same rows), and the
+  rows of a group differ from each other."""
+  model = build("tiny")
+  graphdef, params = nnx.split(model)
+  sampler = Sampler(graphdef)
+  cfg = SamplingConfig(max_new_tokens=8, temperature=0.8)
+  toks, mask = left_pad(PROMPTS, pad_id=0)
+  grouped = sampler(params, toks, mask, jax.random.key(5), cfg, samples=4)
+  rep = lambda x: np.repeat(x, 4, axis=0)
+  repeated = sampler(params, rep(toks), rep(mask), jax.random.key(5), cfg)
+  np.testing.assert_array_equal(grouped.tokens_BxN, repeated.tokens_BxN)
+  np.testing.assert_array_equal(grouped.mask_BxN, repeated.mask_BxN)
+  np.testing.assert_allclose(grouped.logprobs_BxN, repeated.logprobs_BxN, rtol=1e-5, atol=1e-6)
+  assert grouped.tokens_BxN.shape == (12, 8)
+  assert len({tuple(r) for r in np.asarray(grouped.tokens_BxN[:4])}) > 1
+
+
 def test_seeded_reproducible_and_no_retrace_for_new_weights():
   model = build("tiny")
   graphdef, params = nnx.split(model)

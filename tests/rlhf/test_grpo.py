@@ -169,6 +169,7 @@ def test_a_first_update_has_ratio_1_kl_0_and_the_scored_advantages(tmp_path, on_
   c = grpo_config(
     tmp_path, "tests.rlhf.test_ppo:letters_reward", response_len=6, temperature=0.7, **extra
   )
+  c.mesh.devices = 8 if on_policy else 4  # minibatches of 4 prompts (whole groups)
   stage = build_stage(c, str(tmp_path / "run"))
   assert stage.rl.on_policy == on_policy
   first = run_iteration(stage)
@@ -178,9 +179,10 @@ def test_a_first_update_has_ratio_1_kl_0_and_the_scored_advantages(tmp_path, on_
   texts = stage.completions(out)
   r = np.array([t.count("a") / 4.0 for t in texts], np.float32).reshape(-1, 8)
   want = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)
-  got = np.asarray(jax.device_get(full["advantages"]))
+  n = out.response_mask_BxN.shape[1]
+  got = np.asarray(jax.device_get(full["advantages"])).reshape(-1, n)
   np.testing.assert_allclose(got[:, 0], want.reshape(-1), rtol=1e-5, atol=1e-5)
-  loss_mask = np.asarray(jax.device_get(full["response_mask"]))
+  loss_mask = np.asarray(jax.device_get(full["response_mask"])).reshape(-1, n)
   keep = out.eos_B[:, None] if on_policy else 1
   np.testing.assert_array_equal(loss_mask, out.response_mask_BxN * keep)
   assert (~out.eos_B).any() and out.eos_B.any(), "both truncated and finished responses"
@@ -239,3 +241,56 @@ def test_grpo_reaches_the_kl_regularised_optimum_of_a_bandit(tmp_path, seed, kl)
   got = bandit_distribution(stage, stage.states["policy"].params)
   tv = 0.5 * np.abs(got - star).sum()
   assert tv < 0.05, f"total variation {tv:.3f}; pi {np.round(got, 3)}, pi* {np.round(star, 3)}"
+
+
+def test_grouped_logits_equal_the_flat_forward_and_so_do_their_gradients():
+  """Three left-padded prompts of different lengths, four responses each of different lengths
+  (padding after the end): the grouped forward (each prompt run once, its KV cache shared by
+  its group) gives the flat forward's logprob of every response token, and the gradient of
+  their sum with respect to every parameter, to float32 rounding."""
+  from flax import nnx
+
+  from model.config import ModelConfig
+  from model.transformer import Transformer
+  from rlhf.objectives import response_logprobs
+  from rlhf.rollout import sequences
+  from tests.conftest import assert_trees_close
+
+  cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  p, g, s, n = 3, 4, 6, 5
+  prompt = rng.integers(1, 16, (p, s)).astype(np.int32)
+  pmask = (np.arange(s)[None] >= np.array([[0], [2], [4]])).astype(np.int32)  # left padding
+  prompt *= pmask
+  lengths = rng.integers(1, n + 1, (p, g))
+  rmask = (np.arange(n)[None, None] < lengths[..., None]).astype(np.int32)
+  resp = rng.integers(1, 16, (p, g, n)).astype(np.int32) * rmask
+  tokens, mask, positions = sequences(
+    np.repeat(prompt, g, 0), np.repeat(pmask, g, 0), resp.reshape(p * g, n), rmask.reshape(-1, n)
+  )
+  flat = {
+    "tokens": tokens,
+    "mask": mask,
+    "positions": positions,
+    "response_mask": rmask.reshape(-1, n),
+  }
+  grouped = {
+    "prompt_tokens": prompt,
+    "prompt_mask": pmask,
+    "response_tokens": resp,
+    "response_mask": rmask,
+  }
+
+  def total(params, batch):
+    logp, _ = response_logprobs(nnx.merge(graphdef, params), batch, 0.7)
+    return jnp.sum(logp.reshape(p * g, n) * rmask.reshape(-1, n)), logp.reshape(p * g, n)
+
+  grad = jax.jit(jax.value_and_grad(total, has_aux=True))
+  (_, lp_flat), g_flat = grad(params, flat)
+  (_, lp_grouped), g_grouped = grad(params, grouped)
+  m = rmask.reshape(-1, n) > 0
+  np.testing.assert_allclose(
+    np.asarray(lp_grouped)[m], np.asarray(lp_flat)[m], rtol=1e-5, atol=1e-5
+  )
+  assert_trees_close(g_grouped, g_flat, rtol=1e-5)

@@ -9,6 +9,7 @@ import configs.experiments
 from data.corpus import DataConfig
 from model.config import ModelConfig
 from rlhf.dpo import DPOConfig
+from rlhf.grpo import GRPOConfig
 from rlhf.ppo import PPOConfig
 from rlhf.reward import RMDataConfig
 from tests.model.conftest import param_count
@@ -32,9 +33,10 @@ def test_experiment_config_is_valid(name):
   opt = OptimConfig(**dict(c.opt, total_steps=c.train.steps))
   assert c.data.batch_size % opt.grad_accum == 0, "microbatches must split the batch evenly"
   section(TrainConfig, c.train, "train")
-  if c.stage == "rlhf.ppo":  # PPO reads prompts from its rlhf section, not data
+  online = {"rlhf.ppo": PPOConfig, "rlhf.grpo": GRPOConfig}
+  if c.stage in online:  # PPO and GRPO read prompts from their rlhf section, not data
     given = {k: c.rlhf[k] or "given/by/the/test" for k in ("prompts", "reward")}
-    section(PPOConfig, {**c.rlhf, **given}, "rlhf")
+    section(online[c.stage], {**c.rlhf, **given}, "rlhf")
     return
   if c.stage == "rlhf.dpo":
     section(DPOConfig, c.rlhf, "rlhf")
