@@ -1,4 +1,4 @@
-"""PPO against a reward model's workdir: each response is scored by the reward model at its
+"""PPO and GRPO against a reward model's workdir: each response is scored by the reward model at its
 last real token and normalised by the checkpoint's gain and bias; a scalar checkpoint loads
 for inference onto a mesh."""
 
@@ -8,6 +8,7 @@ import json
 import jax
 import ml_collections
 import numpy as np
+import pytest
 from flax import nnx
 
 from data.tokenizer import CharTokenizer, tokenizer_to_json
@@ -39,10 +40,12 @@ def reward_workdir(path, tok, cfg):
   return params
 
 
-def test_ppo_scores_with_the_reward_model_at_the_last_real_token_normalised(tmp_path):
+@pytest.mark.parametrize("stage_name", ["ppo", "grpo"])
+def test_scores_come_from_the_reward_model_at_the_last_real_token_normalised(tmp_path, stage_name):
   """The iteration's scores equal reward.score of each whole sequence run alone on one device,
-  under the checkpoint's gain and bias, less the no-EOS penalty where a response never ended;
-  the separate critic starts as the reward model (trunk and head)."""
+  under the checkpoint's gain and bias, less the no-EOS penalty where a response never ended,
+  for PPO and for GRPO (8 prompts x 2 samples); PPO's separate critic starts as the reward
+  model (trunk and head)."""
   from configs import base
 
   tok = CharTokenizer.from_text(LETTERS)
@@ -52,27 +55,29 @@ def test_ppo_scores_with_the_reward_model_at_the_last_real_token_normalised(tmp_
     for i in range(16):
       f.write(json.dumps({"prompt": LETTERS[i % 8 :] + LETTERS[: i % 8]}) + "\n")
   c = base.get_config()
-  c.stage = "rlhf.ppo"
+  c.stage = f"rlhf.{stage_name}"
   c.model = ml_collections.ConfigDict(dataclasses.asdict(cfg))
   c.rlhf = ml_collections.ConfigDict(
     dict(
       prompts=str(tmp_path / "prompts.jsonl"),
       reward=str(tmp_path / "rm"),
-      batch_size=16,
       response_len=5,
       max_prompt_len=16,
-      minibatches=2,
-      epochs=1,
       missing_eos_penalty=0.25,
     )
   )
+  if stage_name == "ppo":
+    c.rlhf.update(batch_size=16, minibatches=2, epochs=1)
+  else:
+    c.rlhf.update(batch_size=8, group_size=2)
   c.train.update(progress=False, tensorboard=False)
   stage = build_stage(c, str(tmp_path / "run"))
   assert stage.norm["gain"] == NORM["gain"] and stage.norm["bias"] == NORM["bias"]
-  critic0 = jax.device_get(stage.states["critic"].params)
-  jax.tree.map(np.testing.assert_array_equal, critic0, jax.device_get(rm_params))
+  if stage_name == "ppo":
+    critic0 = jax.device_get(stage.states["critic"].params)
+    jax.tree.map(np.testing.assert_array_equal, critic0, jax.device_get(rm_params))
   run_iteration(stage)
-  out, _ = stage.last
+  out, full = stage.last
   graphdef = nnx.graphdef(weights.make_model("scalar", cfg, 0))
   raw = []
   for tokens, mask in zip(out.tokens_BxL, out.mask_BxL):
@@ -85,6 +90,11 @@ def test_ppo_scores_with_the_reward_model_at_the_last_real_token_normalised(tmp_
   np.testing.assert_allclose(
     stage.iteration_metrics()["score_raw"], np.mean(raw), rtol=1e-5, atol=1e-5
   )
+  if stage_name == "grpo":  # each episode's: its group's advantages from these scores
+    pairs = want.reshape(-1, 2)
+    adv = (pairs - pairs.mean(1, keepdims=True)) / (pairs.std(1, ddof=1, keepdims=True) + 1e-4)
+    got = np.asarray(jax.device_get(full["advantages"]))[..., 0].reshape(-1)
+    np.testing.assert_allclose(got, adv.reshape(-1), rtol=1e-4, atol=1e-4)
 
 
 def test_a_scalar_checkpoint_loads_for_inference_sharded_on_a_mesh(tmp_path):
