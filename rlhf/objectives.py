@@ -37,7 +37,7 @@ def grouped_response_logits(model, batch):
   then serve the responses (response_tokens, response_mask: [P, G, N]), which run against it
   as one [P G, N - 1] chunk. The first response token is predicted from the prompt's last
   state, the others from the chunk's. The same attention as the flat forward (same segments,
-  positions and causality) on (S + G N) / (G (S + N)) of its tokens; the gradient of the
+  positions and causality) on (S + G (N - 1)) / (G (S + N - 1)) of its tokens; the gradient of the
   shared prompt sums over its group, as the repeat's transpose."""
   prompt_PxS, pmask_PxS = batch["prompt_tokens"], batch["prompt_mask"].astype(jnp.int32)
   resp_PxGxN, rmask_PxGxN = batch["response_tokens"], batch["response_mask"]
