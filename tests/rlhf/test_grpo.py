@@ -145,7 +145,7 @@ def grpo_config(tmp_path, reward, **rlhf):
   """The PPO tests' setting (one prompt of 8 letters, a tiny model), as a GRPO run."""
   c = ppo_config(tmp_path, reward)
   c.stage = "rlhf.grpo"
-  c.rlhf.update(batch_size=8, group_size=8, **rlhf)
+  c.rlhf.update({"batch_size": 8, "group_size": 8, **rlhf})
   return c
 
 
@@ -294,3 +294,39 @@ def test_grouped_logits_equal_the_flat_forward_and_so_do_their_gradients():
     np.asarray(lp_grouped)[m], np.asarray(lp_flat)[m], rtol=1e-5, atol=1e-5
   )
   assert_trees_close(g_grouped, g_flat, rtol=1e-5)
+
+
+def test_a_grpo_iteration_on_a_sharded_layout_equals_one_device(tmp_path):
+  """One iteration (the grouped rollout at T = 1, the reference's scoring pass, two iterations
+  of two minibatches of whole groups) on 8 devices under dp_fsdp_tp against the same on one
+  device: the sampled tokens, the advantages, the reference logprobs and the updated
+  parameters (rtol 1e-5 of each tensor's scale)."""
+  from tests.conftest import assert_trees_close
+
+  def one(layout, devices):
+    c = grpo_config(
+      tmp_path / layout,
+      "tests.rlhf.test_ppo:letters_reward",
+      response_len=4,
+      batch_size=16,
+      group_size=4,
+      iterations=2,
+      minibatches=2,
+    )
+    # kv heads, the MLP and the vocabulary (15 ids, padded to 16) split over tensor 2.
+    c.model.n_kv_heads, c.model.d_ff, c.model.vocab_size = 2, 128, 16
+    c.mesh.layout, c.mesh.devices = layout, devices
+    c.opt.eps = 1e-3  # as tests/train/test_layouts.py: updates smooth in their gradients
+    stage = build_stage(c, str(tmp_path / layout / "run"))
+    run_iteration(stage)
+    out, full = stage.last
+    return out, jax.device_get(full), jax.device_get(stage.states["policy"].params)
+
+  (tmp_path / "dp").mkdir()
+  (tmp_path / "dp_fsdp_tp").mkdir()
+  out1, full1, params1 = one("dp", 1)
+  out8, full8, params8 = one("dp_fsdp_tp", 8)
+  np.testing.assert_array_equal(out8.tokens_BxL, out1.tokens_BxL)
+  for key in ("advantages", "old_logprobs", "ref_logprobs"):
+    np.testing.assert_allclose(full8[key], full1[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  assert_trees_close(params8, params1, rtol=1e-5)
