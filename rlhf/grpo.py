@@ -252,7 +252,7 @@ class GRPO(OnlineStage):
     if rl.beta > 0 and rl.kl_penalty == "loss":
       keys += ("ref_logprobs",)
     self.keys = {k: 2 if k in PROMPT_KEYS else 3 for k in keys}
-    self.samples = rl.group_size
+    self.samples_per_prompt = rl.group_size
     self.states = {"policy": self.policy.state}
     self.state_shardings = {"policy": self.policy.shardings}
     self.steps = {

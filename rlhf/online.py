@@ -184,10 +184,10 @@ class OnlineStage(stagelib.Stage):
       process_count=blocks,
     )
 
-  samples = 1  # responses sampled per prompt
+  samples_per_prompt = 1  # responses sampled per prompt
 
   def rollout(self, prompt_BxP, prompt_mask_BxP) -> rollout.Rollout:
-    """Samples `samples` responses per prompt with the current policy; the key derives from
+    """Samples `samples_per_prompt` responses per prompt with the current policy; the key derives from
     the seed and the iteration, so a resumed run samples the same responses."""
     rng = jax.random.fold_in(jax.random.PRNGKey(self.rl.seed), self.iteration)
     return rollout.sample(
@@ -197,7 +197,7 @@ class OnlineStage(stagelib.Stage):
       prompt_mask_BxP,
       rng,
       self.sampling,
-      self.samples,
+      self.samples_per_prompt,
     )
 
   def completions(self, out: rollout.Rollout) -> list[str]:
