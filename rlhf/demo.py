@@ -185,9 +185,7 @@ def last_train(workdir: str) -> dict:
   return rows[-1] if rows else {}
 
 
-def run(
-  workdir: str, seed: int = 0, scale: float = 1.0, stages=STAGES, fresh: bool = True
-) -> dict:
+def run(workdir: str, seed: int = 0, scale: float = 1.0, stages=STAGES, fresh: bool = True) -> dict:
   """The whole road in `workdir`; returns the report (also written as report.json). With
   fresh=False an existing workdir is kept: a stage whose run finished resumes at its last step
   and does not train again."""
