@@ -209,6 +209,9 @@ def test_logged_rate_is_time_spent_stepping(tmp_path, monkeypatch):
   config.train.eval_every, config.train.checkpoint_every = 4, 6
   config.train.eval_batches = 1
   config.train.peak_flops = 1e9  # one device's
+  # Checkpoints written in the loop's time, not by a background thread during the next
+  # window's steps: on a loaded machine that overlap alone slowed a window to 0.27x.
+  config.train.async_checkpoints = False
   workdir = str(tmp_path / "run")
   summary = loop.train(config, workdir)
 
