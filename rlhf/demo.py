@@ -153,22 +153,32 @@ def answers_at(workdir: str, step: int, prompts: list[str]):
   return answers(workdir, prompts, chat=True, step=step)
 
 
-def pairs_from_sft(sft_dir: str, prompts_path: str, out_path: str, seed: int) -> dict:
-  """Two samples (temperature 1) of the SFT model per training prompt, labelled by the true
-  answer; ties dropped."""
+def pairs_from_sft(
+  sft_dir: str, prompts_path: str, out_path: str, seed: int, samples: int = 4
+) -> dict:
+  """`samples` samples (temperature 1) of the SFT model per training prompt, taken two at a
+  time and labelled by the true answer; ties dropped."""
   from rlhf import tasks
 
   prompts = [r["prompt"] for r in read_jsonl(prompts_path)]
-  first, _ = answers(sft_dir, prompts, chat=True, temperature=1.0, seed=2 * seed)
-  second, _ = answers(sft_dir, prompts, chat=True, temperature=1.0, seed=2 * seed + 1)
+  drawn = [
+    answers(sft_dir, prompts, chat=True, temperature=1.0, seed=samples * seed + k)[0]
+    for k in range(samples)
+  ]
   # A sample that is not a number (a stray role marker, say) is wrong, but its text is not
   # one the tokenizer reads back as written: such pairs are dropped and counted.
   number = lambda t: t.strip().isdigit()
-  keep = [number(x) and number(y) for x, y in zip(first, second)]
-  pick = lambda xs: [x for x, k in zip(xs, keep) if k]
-  pairs, stats = tasks.preference_pairs(pick(prompts), pick(first), pick(second))
+  pairs, stats = [], {"pairs": 0, "ties_dropped": 0, "non_numeric_dropped": 0}
+  for first, second in zip(drawn[0::2], drawn[1::2]):
+    keep = [number(x) and number(y) for x, y in zip(first, second)]
+    kept = [(p, x, y) for p, x, y, k in zip(prompts, first, second, keep) if k]
+    got, counts = tasks.preference_pairs(*(list(col) for col in zip(*kept)))
+    pairs += got
+    stats["pairs"] += counts["pairs"]
+    stats["ties_dropped"] += counts["ties_dropped"]
+    stats["non_numeric_dropped"] += keep.count(False)
   write_jsonl(out_path, pairs)
-  return {**stats, "non_numeric_dropped": keep.count(False)}
+  return stats
 
 
 def last_eval(workdir: str) -> dict:

@@ -80,7 +80,7 @@ def rm():
   c.data.path = ""  # pairs.jsonl
   c.data.val_fraction = 0.1
   c.data.seq_len = 16
-  c.data.batch_size = 32
+  c.data.batch_size = 64
   c.data.eval_batch_size = 128
   c.rlhf.norm_policy = ""  # normalised on the SFT policy's samples (set by the demo)
   c.rlhf.norm_samples = 256
@@ -91,7 +91,7 @@ def rm():
   c.train.init_from = ""  # the SFT workdir
   c.train.eval_batches = 0
   c.mesh.grad_reduce = "flat"
-  return _quiet(c, 600)
+  return _quiet(c, 1200)
 
 
 def ppo():
