@@ -120,8 +120,9 @@ def dpo():
   c.data.batch_size = 32
   c.data.eval_batch_size = 128
   c.rlhf.beta = 0.1
-  c.opt.lr = 2e-5
-  c.opt.final_lr = 2e-6
+  c.rlhf.nll_coef = 1.0  # holds the chosen answers' likelihood up
+  c.opt.lr = 1e-5
+  c.opt.final_lr = 1e-6
   c.opt.warmup_steps = 10
   c.train.init_from = ""  # the SFT workdir
   c.train.eval_batches = 0
