@@ -104,12 +104,12 @@ def ppo():
   c.rlhf.epochs = 2
   c.rlhf.minibatches = 2
   c.rlhf.kl_controller = "fixed"
-  c.rlhf.beta = 0.1
+  c.rlhf.beta = 0.3
   c.rlhf.missing_eos_penalty = 1.0
-  c.opt.lr = 1e-5
-  c.opt.final_lr = 1e-5
+  c.opt.lr = 2e-5
+  c.opt.final_lr = 2e-5
   c.train.init_from = ""  # the SFT workdir
-  return _quiet(c, 120)
+  return _quiet(c, 200)
 
 
 def dpo():
