@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # A clean environment for pytest's worker processes and the demo: CPU only.
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test install clean style
+.PHONY: demo demo-shakespeare test install clean style
 
 # Applies the formatter and the linter's fixes (make test checks both).
 style: $(VENV)/.installed-test
@@ -26,7 +26,13 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 
 install: $(VENV)/.installed
 
+# The whole road on two-digit addition: tokenizer, pretraining, SFT, reward model, PPO, DPO
+# and GRPO, then a table of held-out accuracy (rlhf/demo.py; runs/addition).
 demo: $(VENV)/.installed
+	$(PY) -m rlhf.demo --workdir=runs/addition
+
+# A tokenizer and a small model on the built-in Shakespeare corpus (train/demo.py; runs/demo).
+demo-shakespeare: $(VENV)/.installed
 	$(PY) -m train.demo
 
 test: $(VENV)/.installed-test

@@ -20,6 +20,7 @@ loop `python -m train.main` runs, with configs/experiments/addition.py:STAGE.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -30,8 +31,9 @@ import numpy as np
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")
 
 
-def stage_config(stage: str, seed: int, scale: float):
-  """configs/experiments/addition.py's config for `stage`, its step count times `scale`."""
+def stage_config(stage: str, seed: int, scale: float, configure=None):
+  """configs/experiments/addition.py's config for `stage`, its step count times `scale`, then
+  passed to configure(stage, config) when given (to override fields, as flags would)."""
   from configs.experiments import addition
 
   c = addition.get_config(stage)
@@ -42,6 +44,8 @@ def stage_config(stage: str, seed: int, scale: float):
     c.data.seed = seed
   if "rlhf" in c and "seed" in c.rlhf:
     c.rlhf.seed = seed
+  if configure is not None:
+    configure(stage, c)
   return c
 
 
@@ -58,6 +62,17 @@ def run_stage(stage: str, config, workdir: str, times: dict) -> dict:
 # ---------------------------------------------------------------- greedy answers
 
 
+@functools.lru_cache
+def _sampler(cfg):
+  """One sampler per architecture: its compiled steps serve every checkpoint of that shape."""
+  from flax import nnx
+
+  from model.sampling import Sampler
+  from model.transformer import Transformer
+
+  return Sampler(nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))))
+
+
 def answers(
   workdir: str,
   prompts: list[str],
@@ -72,22 +87,19 @@ def answers(
   BOS + the prompt. Completions end at the model's end marker (EOS for the pretrained one).
   Returns (completions, ended)."""
   import jax
-  from flax import nnx
 
   from data.chat import render_prompt
-  from model.sampling import Sampler, SamplingConfig, left_pad
-  from model.transformer import Transformer
+  from model.sampling import SamplingConfig, left_pad
   from train import weights
 
   cfg, _, params, tok = weights.load_for_inference(workdir, step or None)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   end = tok.end_id if chat else tok.eos_id
   if chat:
     ids = [render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
   else:
     ids = [tok.encode(p, bos=True) for p in prompts]
   tokens, mask = left_pad(ids, tok.pad_id)
-  sampler = Sampler(graphdef)
+  sampler = _sampler(cfg)
   scfg = SamplingConfig(max_new_tokens=5, temperature=temperature, eos_id=end, pad_id=tok.pad_id)
   out = sampler(params, tokens, mask, jax.random.PRNGKey(seed), scfg)
   toks, m = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
@@ -99,12 +111,23 @@ def answers(
   return texts, np.asarray(ended)
 
 
-def evaluate(workdir: str, heldout: list[dict], *, chat: bool) -> dict:
+def evaluate(workdir: str, heldout: list[dict], *, chat: bool, seed: int = 0) -> dict:
+  """Greedy exact match (overall, carry and no-carry cases) and EOS rate on the held-out
+  problems, and exact match of one sample each at temperature 1 (what imitation of the
+  demonstrator predicts: greedy decoding answers a carry case right only where the right
+  answer is the more likely one)."""
   from rlhf import tasks
 
   prompts = [r["prompt"] for r in heldout]
   texts, ended = answers(workdir, prompts, chat=chat)
-  return {**tasks.accuracy(prompts, texts), "eos_rate": float(ended.mean())}
+  sampled, _ = answers(workdir, prompts, chat=chat, temperature=1.0, seed=seed)
+  got = tasks.accuracy(prompts, sampled)
+  return {
+    **tasks.accuracy(prompts, texts),
+    "eos_rate": float(ended.mean()),
+    "sampled_exact_match": got["exact_match"],
+    "sampled_carry_exact_match": got["carry_exact_match"],
+  }
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -129,6 +152,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def rl_curve(workdir: str, heldout: list[dict]) -> list[dict]:
   """Held-out greedy accuracy at each kept checkpoint of an RL run, with the run's logged KL
   at that step (PPO's summed k1 per episode; GRPO's per-token k3 from its loss)."""
+  from rlhf import tasks
   from train.metrics import read_metrics
 
   kl_at = {}
@@ -140,17 +164,11 @@ def rl_curve(workdir: str, heldout: list[dict]) -> list[dict]:
   curve = []
   prompts = [r["prompt"] for r in heldout]
   for step in checkpoint_steps(workdir):
-    texts, _ = answers_at(workdir, step, prompts)
-    from rlhf import tasks
-
+    texts, _ = answers(workdir, prompts, chat=True, step=step)
     acc = tasks.accuracy(prompts, texts)
     near = max((s for s in kl_at if s <= step), default=None)
     curve.append({"step": step, **acc, "kl": kl_at.get(near, float("nan"))})
   return curve
-
-
-def answers_at(workdir: str, step: int, prompts: list[str]):
-  return answers(workdir, prompts, chat=True, step=step)
 
 
 def pairs_from_sft(
@@ -195,10 +213,18 @@ def last_train(workdir: str) -> dict:
   return rows[-1] if rows else {}
 
 
-def run(workdir: str, seed: int = 0, scale: float = 1.0, stages=STAGES, fresh: bool = True) -> dict:
+def run(
+  workdir: str,
+  seed: int = 0,
+  scale: float = 1.0,
+  stages=STAGES,
+  fresh: bool = True,
+  configure=None,
+) -> dict:
   """The whole road in `workdir`; returns the report (also written as report.json). With
   fresh=False an existing workdir is kept: a stage whose run finished resumes at its last step
-  and does not train again."""
+  and does not train again. configure(stage, config), when given, edits each stage's config
+  (its paths are set after it)."""
   from data import prepare
   from rlhf import tasks
 
@@ -223,23 +249,23 @@ def run(workdir: str, seed: int = 0, scale: float = 1.0, stages=STAGES, fresh: b
   heldout = read_jsonl(files["heldout"])
   report = {"seed": seed, "scale": scale, "models": {}, "times_s": times}
 
-  c = stage_config("pretrain", seed, scale)
+  c = stage_config("pretrain", seed, scale, configure)
   c.data.path = d("data")
   run_stage("pretrain", c, d("pretrained"), times)
-  report["models"]["pretrained"] = evaluate(d("pretrained"), heldout, chat=False)
+  report["models"]["pretrained"] = evaluate(d("pretrained"), heldout, chat=False, seed=seed)
 
-  c = stage_config("sft", seed, scale)
+  c = stage_config("sft", seed, scale, configure)
   c.data.path = files["sft"]
   c.train.init_from = d("pretrained")
   run_stage("sft", c, d("sft"), times)
-  report["models"]["sft"] = evaluate(d("sft"), heldout, chat=True)
+  report["models"]["sft"] = evaluate(d("sft"), heldout, chat=True, seed=seed)
 
   t0 = time.perf_counter()
   report["pairs"] = pairs_from_sft(d("sft"), files["prompts"], d("task/pairs.jsonl"), seed)
   times["pairs"] = time.perf_counter() - t0
 
   if "rm" in stages:
-    c = stage_config("rm", seed, scale)
+    c = stage_config("rm", seed, scale, configure)
     c.data.path = d("task/pairs.jsonl")
     c.train.init_from = c.rlhf.norm_policy = d("sft")
     run_stage("rm", c, d("rm"), times)
@@ -247,31 +273,31 @@ def run(workdir: str, seed: int = 0, scale: float = 1.0, stages=STAGES, fresh: b
     report["reward_model"] = {k: ev[k] for k in ("accuracy", "reward_gap") if k in ev}
 
   if "ppo" in stages:
-    c = stage_config("ppo", seed, scale)
+    c = stage_config("ppo", seed, scale, configure)
     c.train.init_from = d("sft")
     c.rlhf.reward = d("rm")
     c.rlhf.prompts = files["prompts"]
     c.train.checkpoint_every = max(1, c.train.steps // 6)
     c.train.keep_checkpoints = 8
     run_stage("ppo", c, d("ppo"), times)
-    report["models"]["ppo"] = evaluate(d("ppo"), heldout, chat=True)
+    report["models"]["ppo"] = evaluate(d("ppo"), heldout, chat=True, seed=seed)
     report["models"]["ppo"]["kl"] = last_train(d("ppo")).get("kl")
 
   if "dpo" in stages:
-    c = stage_config("dpo", seed, scale)
+    c = stage_config("dpo", seed, scale, configure)
     c.data.path = d("task/pairs.jsonl")
     c.train.init_from = d("sft")
     run_stage("dpo", c, d("dpo"), times)
-    report["models"]["dpo"] = evaluate(d("dpo"), heldout, chat=True)
+    report["models"]["dpo"] = evaluate(d("dpo"), heldout, chat=True, seed=seed)
 
   if "grpo" in stages:
-    c = stage_config("grpo", seed, scale)
+    c = stage_config("grpo", seed, scale, configure)
     c.train.init_from = d("sft")
     c.rlhf.prompts = files["prompts"]
     c.train.checkpoint_every = max(1, c.train.steps // 6)
     c.train.keep_checkpoints = 8
     run_stage("grpo", c, d("grpo"), times)
-    report["models"]["grpo"] = evaluate(d("grpo"), heldout, chat=True)
+    report["models"]["grpo"] = evaluate(d("grpo"), heldout, chat=True, seed=seed)
     report["models"]["grpo"]["kl"] = last_train(d("grpo")).get("policy/kl")
 
   report["curves"] = {
@@ -308,14 +334,16 @@ def plot(curves: dict, path: str) -> None:
 
 def table(report: dict) -> str:
   rows = [
-    "| model | exact match | carry cases | no carry | EOS rate | KL |",
-    "|---|---|---|---|---|---|",
+    "| model | exact match | carry cases | no carry | sampled (T=1) | sampled, carry | "
+    "EOS rate | KL |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for name, m in report["models"].items():
     kl = m.get("kl")
     rows.append(
       f"| {name} | {m['exact_match']:.3f} | {m['carry_exact_match']:.3f} | "
-      f"{m['no_carry_exact_match']:.3f} | {m['eos_rate']:.3f} | "
+      f"{m['no_carry_exact_match']:.3f} | {m['sampled_exact_match']:.3f} | "
+      f"{m['sampled_carry_exact_match']:.3f} | {m['eos_rate']:.3f} | "
       f"{'' if kl is None else f'{kl:.3f}'} |"
     )
   lines = ["\n".join(rows)]

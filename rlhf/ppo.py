@@ -43,6 +43,7 @@ class PPOConfig(OnlineConfig):
   vf_coef: float = 0.1
   critic: str = "separate"
   critic_from: str = ""
+  critic_lr: float = 0.0
 
   def __post_init__(self):
     super().__post_init__()
@@ -54,6 +55,11 @@ class PPOConfig(OnlineConfig):
       raise ValueError(f"rlhf.critic={self.critic!r}; choose one of {CRITICS}")
     if self.epochs <= 0:
       raise ValueError(f"rlhf.epochs must be > 0, got {self.epochs}")
+    if self.critic_lr < 0 or (self.critic_lr and self.critic == "shared"):
+      raise ValueError(
+        f"rlhf.critic_lr={self.critic_lr}: a separate critic's learning rate (> 0), or 0 for "
+        f"the policy's (opt.lr); a shared critic trains with the policy's"
+      )
 
 
 class PPO(OnlineStage):
@@ -90,9 +96,19 @@ class PPO(OnlineStage):
         if critic_source is None
         else dataclasses.replace(critic_source.model_cfg, **NO_DROPOUT)
       )
+      critic_opt = self.opt_cfg
+      if rl.critic_lr:  # the whole schedule scaled, so final_lr / lr is kept
+        scale = rl.critic_lr / critic_opt.lr
+        critic_opt = dataclasses.replace(
+          critic_opt, lr=rl.critic_lr, final_lr=critic_opt.final_lr * scale
+        )
       self.critic = stagelib.build_model(
-        "scalar", critic_cfg, self.opt_cfg, mesh, tc.seed + 1, critic_source, head_init="zero"
+        "scalar", critic_cfg, critic_opt, mesh, tc.seed + 1, critic_source, head_init="zero"
       )
+      if critic_source is self.rm_source:
+        # The reward model's head, on the scale the rewards are on: the critic's first values
+        # are normalised scores, not raw ones many reward stds away from the returns.
+        self.critic.state = normalise_head(self.critic.state, self.norm)
       graphdefs["critic"] = self.critic.graphdef
       self.states = {"policy": self.policy.state, "critic": self.critic.state}
       self.state_shardings = {"policy": self.policy.shardings, "critic": self.critic.shardings}
@@ -188,3 +204,13 @@ class PPO(OnlineStage):
 
 def build(config, workdir: str) -> PPO:
   return PPO(config, workdir)
+
+
+def normalise_head(state, norm: dict):
+  """`state` with its scalar head's kernel and bias mapped so the head outputs
+  norm["gain"] * value + norm["bias"] (rlhf.reward.normalized), shardings kept."""
+  head = state.params["head"]
+  gain, bias = norm["gain"], norm["bias"]
+  new = {"kernel": head["kernel"] * gain, "bias": head["bias"] * gain + bias}
+  new = jax.tree.map(lambda x, old: jax.device_put(x.astype(old.dtype), old.sharding), new, head)
+  return dataclasses.replace(state, params={**state.params, "head": new})

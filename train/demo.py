@@ -1,5 +1,5 @@
-"""`make demo`: train a tokenizer and a small model on the built-in corpus, sample before and
-after, plot the loss, and say where everything went."""
+"""`make demo-shakespeare`: train a tokenizer and a small model on the built-in corpus, sample
+before and after, plot the loss, and say where everything went."""
 
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ def get_config():
   c.rlhf.vf_coef = 0.1  # the value loss's weight
   c.rlhf.critic = "separate"  # separate (own model and optimizer) | shared (a value head)
   c.rlhf.critic_from = ""  # the separate critic's weights; "": the reward model's
+  c.rlhf.critic_lr = 0.0  # the separate critic's learning rate; 0: opt.lr (schedule scaled)
   c.rlhf.exact_kl_vocab = 4096  # log the exact KL (a sum over the vocabulary) up to this size
   c.rlhf.tokenizer = "char"  # only from scratch (no init_from): char | bpe | unigram
   c.rlhf.vocab_size = 2048  # only from scratch, for bpe and unigram

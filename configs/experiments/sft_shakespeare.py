@@ -1,6 +1,7 @@
-"""SFT of the demo's model into a Shakespearean chat partner: it answers a speech as the next
-speaker of the plays would. Starts from the `shakespeare` demo's workdir (make demo), or any
-workdir given with --config.train.init_from=DIR; its own chats with --config.data.path."""
+"""SFT of the Shakespeare demo's model into a Shakespearean chat partner: it answers a speech
+as the next speaker of the plays would. Starts from that demo's workdir (make
+demo-shakespeare), or any workdir given with --config.train.init_from=DIR; its own chats with
+--config.data.path."""
 
 import ml_collections
 

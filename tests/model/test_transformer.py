@@ -278,6 +278,13 @@ def _dot_dtypes(jaxpr) -> set[str]:
   return out
 
 
+def jitted(model, fn):
+  """fn(model, *args) compiled once, with the model's parameters as a jit argument."""
+  graphdef, params = nnx.split(model)
+  compiled = jax.jit(lambda p, *args: fn(nnx.merge(graphdef, p), *args))
+  return lambda *args: compiled(params, *args)
+
+
 @pytest.mark.parametrize("name,scan", [("tiny", False), ("tiny_gpt2", False), ("tiny", True)])
 def test_bfloat16_compute_matches_float32_at_bfloat16_precision(name, scan):
   """dtype=bfloat16 runs the matmuls in bf16 on float32 parameters (the gpt2_124m and llama_1b
@@ -289,7 +296,7 @@ def test_bfloat16_compute_matches_float32_at_bfloat16_precision(name, scan):
   dots = _dot_dtypes(jax.make_jaxpr(lambda: m16(toks))().jaxpr)
   # Every matmul takes bf16 operands; the attention logits (QK^T) accumulate in float32.
   assert all(d.endswith(":bfloat16") for d in dots) and "float32:bfloat16" in dots, dots
-  want, got = m32(toks), m16(toks)
+  want, got = jitted(m32, lambda m, t: m(t))(toks), jitted(m16, lambda m, t: m(t))(toks)
   assert got.dtype == jnp.float32
   scale = float(jnp.abs(want).max())
   err = float(jnp.abs(got - want).max())
@@ -307,7 +314,7 @@ def test_bfloat16_compute_matches_float32_at_bfloat16_precision(name, scan):
 
   def grads(m):
     g, p = nnx.split(m)
-    return jax.value_and_grad(lambda p: losses.lm_loss(nnx.merge(g, p), batch)[0])(p)
+    return jax.jit(jax.value_and_grad(lambda p: losses.lm_loss(nnx.merge(g, p), batch)[0]))(p)
 
   (l32, g32), (l16, g16) = grads(m32), grads(m16)
   assert l16.dtype == jnp.float32 and abs(float(l16) / float(l32) - 1) < 1e-2
@@ -326,7 +333,8 @@ def test_bfloat16_compute_matches_float32_at_bfloat16_precision(name, scan):
   cache = m16.init_cache(2, 16)
   assert cache.k_NxBxGxTxK.dtype == jnp.bfloat16
   pos, mask = jnp.broadcast_to(jnp.arange(16), (2, 16)), jnp.ones((2, 16), jnp.int32)
-  _, cache = m16.decode(toks[:, :8], pos[:, :8], mask[:, :8], cache)
+  decode = jitted(m16, lambda m, *a: m.decode(*a))
+  _, cache = decode(toks[:, :8], pos[:, :8], mask[:, :8], cache)
   for i in range(8, 16):
-    step, cache = m16.decode(toks[:, i : i + 1], pos[:, i : i + 1], mask[:, i : i + 1], cache)
+    step, cache = decode(toks[:, i : i + 1], pos[:, i : i + 1], mask[:, i : i + 1], cache)
     np.testing.assert_allclose(step[:, 0], got[:, i], atol=0.01 * scale, err_msg=f"step {i}")

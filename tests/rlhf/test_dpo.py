@@ -224,7 +224,7 @@ def test_dpo_reaches_the_optimum_of_a_bandit(tmp_path, seed):
   ]
   write_bandit_pairs(tmp_path / "pairs.jsonl", pairs)
   c = bandit_config(tmp_path / "pairs.jsonl", seed)
-  c.train.steps = 300
+  c.train.steps = 150
   c.opt.update(lr=3e-3, final_lr=1e-4, warmup_steps=10)
   stage = build_stage(c, str(tmp_path / "run"))
   np.testing.assert_allclose(letter_distribution(stage, None), ref, rtol=1e-5)

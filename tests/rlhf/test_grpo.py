@@ -12,7 +12,7 @@ import pytest
 from rlhf import rewards
 from rlhf.grpo import GRPOConfig, aggregate, episode_batch, group_advantages, grpo_token_loss
 from rlhf.kl import kl_estimate
-from tests.rlhf.test_ppo import BANDIT_REWARDS, bandit_distribution, ppo_config
+from tests.rlhf.test_ppo import BANDIT_REWARDS, bandit_distribution, ppo_config, run_iteration
 from train.stage import build_stage
 
 
@@ -147,15 +147,6 @@ def grpo_config(tmp_path, reward, **rlhf):
   c.stage = "rlhf.grpo"
   c.rlhf.update({"batch_size": 8, "group_size": 8, **rlhf})
   return c
-
-
-def run_iteration(stage):
-  first = None
-  for name, batch in stage.updates():
-    stage.states[name], m = stage.steps[name](stage.states[name], batch)
-    if first is None:
-      first = jax.device_get(m)
-  return first
 
 
 @pytest.mark.parametrize("on_policy", [True, False], ids=["on_policy", "two_iterations"])

@@ -15,7 +15,6 @@ from data.tokenizer import CharTokenizer, tokenizer_to_json
 from model.config import preset
 from rlhf import reward
 from rlhf.ppo import final_scores
-from tests.rlhf.test_ppo import run_iteration
 from train import checkpoint as ckpt
 from train import weights
 from train.stage import build_stage
@@ -44,8 +43,9 @@ def reward_workdir(path, tok, cfg):
 def test_scores_come_from_the_reward_model_at_the_last_real_token_normalised(tmp_path, stage_name):
   """The iteration's scores equal reward.score of each whole sequence run alone on one device,
   under the checkpoint's gain and bias, less the no-EOS penalty where a response never ended,
-  for PPO and for GRPO (8 prompts x 2 samples); PPO's separate critic starts as the reward
-  model (trunk and head)."""
+  for PPO and for GRPO (8 prompts x 2 samples). PPO's separate critic starts as the reward
+  model with its normalisation folded into the head (its values at the last token are the
+  normalised scores), and learns on its own schedule: critic_lr over opt.lr at every step."""
   from configs import base
 
   tok = CharTokenizer.from_text(LETTERS)
@@ -67,7 +67,7 @@ def test_scores_come_from_the_reward_model_at_the_last_real_token_normalised(tmp
     )
   )
   if stage_name == "ppo":
-    c.rlhf.update(batch_size=16, minibatches=2, epochs=1)
+    c.rlhf.update(batch_size=16, minibatches=2, epochs=1, critic_lr=7 * c.opt.lr)
   else:
     c.rlhf.update(batch_size=8, group_size=2)
   c.train.update(progress=False, tensorboard=False)
@@ -75,15 +75,26 @@ def test_scores_come_from_the_reward_model_at_the_last_real_token_normalised(tmp
   assert stage.norm["gain"] == NORM["gain"] and stage.norm["bias"] == NORM["bias"]
   if stage_name == "ppo":
     critic0 = jax.device_get(stage.states["critic"].params)
-    jax.tree.map(np.testing.assert_array_equal, critic0, jax.device_get(rm_params))
-  run_iteration(stage)
+    jax.tree.map(
+      np.testing.assert_array_equal, critic0["trunk"], jax.device_get(rm_params["trunk"])
+    )
+  lrs = {}
+  for name, batch in stage.updates():  # one iteration, as run_iteration runs it
+    stage.states[name], m = stage.steps[name](stage.states[name], batch)
+    lrs.setdefault(name, float(m["lr"]))
   out, full = stage.last
   graphdef = nnx.graphdef(weights.make_model("scalar", cfg, 0))
-  raw = []
+  raw, values = [], []
   for tokens, mask in zip(out.tokens_BxL, out.mask_BxL):
     real = mask > 0
     alone = tokens[real][None]  # the row's real tokens only: no padding at all
     raw.append(float(reward.score(graphdef, rm_params, alone, np.ones_like(alone))[0]))
+    if stage_name == "ppo":
+      values.append(float(reward.score(graphdef, critic0, alone, np.ones_like(alone))[0]))
+  if stage_name == "ppo":
+    np.testing.assert_allclose(values, NORM["gain"] * np.asarray(raw) + NORM["bias"], rtol=1e-5)
+    assert lrs["policy"] > 0
+    np.testing.assert_allclose(lrs["critic"], 7 * lrs["policy"], rtol=1e-6)
   want = final_scores(np.asarray(raw), NORM, out.eos_B, 0.25)
   got_mean = stage.iteration_metrics()["score"]
   np.testing.assert_allclose(got_mean, want.mean(), rtol=1e-5, atol=1e-5)
