@@ -145,6 +145,7 @@ def run_grpo(iterations: int, beta: float, prompts: int = 16, group: int = 8) ->
 def run_dpo(steps: int, batch: int = 64, seq_len: int = 32) -> dict:
   """DPO steps/s on 1024 pairs of letter strings (the peer model's size), and the reference
   pass's one-off cost when the stage is built."""
+  import jax
   import ml_collections
   import numpy as np
 
@@ -175,10 +176,11 @@ def run_dpo(steps: int, batch: int = 64, seq_len: int = 32) -> dict:
   c.mesh.grad_reduce = "flat" if DEVICES > 1 else "xla"
   stage = build_stage(c, os.path.join(root, "run"))
   step, times = stage.steps["policy"], []
-  for i, (name, batch_arrays) in enumerate(_batches(stage, steps + 2)):
+  updates = (update for _ in range(steps + 2) for update in stage.updates())
+  for i, (name, batch_arrays) in enumerate(updates):
     t0 = time.perf_counter()
     stage.states[name], m = step(stage.states[name], batch_arrays)
-    jax_block(m)
+    jax.block_until_ready(m)
     if i >= 2:
       times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
@@ -191,17 +193,6 @@ def run_dpo(steps: int, batch: int = 64, seq_len: int = 32) -> dict:
     "steps_per_s": 1.0 / step_s,
     "pairs_per_s": batch / step_s,
   }
-
-
-def _batches(stage, n: int):
-  for _ in range(n):
-    yield from stage.updates()
-
-
-def jax_block(x):
-  import jax
-
-  return jax.block_until_ready(x)
 
 
 def decode_rate(batch: int, new_tokens: int, repeats: int = 5) -> dict:

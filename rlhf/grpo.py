@@ -69,6 +69,11 @@ class GRPOConfig(OnlineConfig):
       )
 
   @property
+  def passes(self) -> int:
+    """Passes over each rollout batch."""
+    return self.iterations
+
+  @property
   def on_policy(self) -> bool:
     """Each rollout batch feeds exactly one update, taken at the weights that sampled it: the
     old logprobs are the update's own, detached, and need no forward pass of their own."""
@@ -237,7 +242,6 @@ class GRPO(OnlineStage):
   minibatch is whole groups."""
 
   name = "grpo"
-  passes_name = "iterations"
 
   def __init__(self, config, workdir: str):
     rl = stagelib.section(GRPOConfig, config.rlhf, "rlhf")

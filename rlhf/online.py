@@ -225,9 +225,8 @@ class OnlineStage(stagelib.Stage):
       "response_length": float(np.mean(lengths)),
     }
 
-  # ---- one iteration: the subclass supplies score, minibatch_updates and its pass count
-
-  passes_name = "epochs"  # the config field counting passes over each rollout batch
+  # ---- one iteration: the subclass supplies score and minibatch_updates; its config, the
+  # number of passes over each rollout batch (rl.passes)
 
   def score(self, prompts: dict, out: rollout.Rollout) -> tuple[dict, dict]:
     """The scored batch the updates read, on the mesh, and the iteration's figures."""
@@ -253,7 +252,7 @@ class OnlineStage(stagelib.Stage):
     t2 = time.perf_counter()
     self.last = (out, full)  # this iteration's rollout and scored batch, for inspection
     size = self.rows // rl.minibatches
-    for p in range(getattr(rl, self.passes_name)):
+    for p in range(rl.passes):
       order = np.random.default_rng([rl.seed, self.iteration, p]).permutation(self.rows)
       for k in range(rl.minibatches):
         yield from self.minibatch_updates(

@@ -45,6 +45,11 @@ class PPOConfig(OnlineConfig):
   critic_from: str = ""
   critic_lr: float = 0.0
 
+  @property
+  def passes(self) -> int:
+    """Passes over each rollout batch."""
+    return self.epochs
+
   def __post_init__(self):
     super().__post_init__()
     if self.kl_estimator not in ESTIMATORS:
