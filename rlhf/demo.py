@@ -149,9 +149,10 @@ def checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(root) if d.isdigit())
 
 
-def rl_curve(workdir: str, heldout: list[dict]) -> list[dict]:
+def rl_curve(workdir: str, heldout: list[dict], start: dict) -> list[dict]:
   """Held-out greedy accuracy at each kept checkpoint of an RL run, with the run's logged KL
-  at that step (PPO's summed k1 per episode; GRPO's per-token k3 from its loss)."""
+  at that step (PPO's summed k1 per episode; GRPO's per-token k3 from its loss), after
+  `start`: the figures of the model it started from, at step 0 with KL 0."""
   from rlhf import tasks
   from train.metrics import read_metrics
 
@@ -161,7 +162,8 @@ def rl_curve(workdir: str, heldout: list[dict]) -> list[dict]:
       kl = r.get("kl", r.get("policy/kl"))
       if kl is not None:
         kl_at[r["step"]] = kl
-  curve = []
+  keys = ("exact_match", "carry_exact_match", "no_carry_exact_match", "problems")
+  curve = [{"step": 0, **{k: start[k] for k in keys}, "kl": 0.0}]
   prompts = [r["prompt"] for r in heldout]
   for step in checkpoint_steps(workdir):
     texts, _ = answers(workdir, prompts, chat=True, step=step)
@@ -301,7 +303,9 @@ def run(
     report["models"]["grpo"]["kl"] = last_train(d("grpo")).get("policy/kl")
 
   report["curves"] = {
-    name: rl_curve(d(name), heldout) for name in ("ppo", "grpo") if name in stages
+    name: rl_curve(d(name), heldout, report["models"]["sft"])
+    for name in ("ppo", "grpo")
+    if name in stages
   }
   times["total"] = time.perf_counter() - t_start
   with open(d("report.json"), "w") as f:
@@ -309,6 +313,9 @@ def run(
   if report["curves"]:
     plot(report["curves"], d("rl.png"))
   return report
+
+
+KL_LOGGED = {"ppo": "summed k1 per response", "grpo": "k3 per token"}
 
 
 def plot(curves: dict, path: str) -> None:
@@ -322,8 +329,12 @@ def plot(curves: dict, path: str) -> None:
     steps = [r["step"] for r in rows]
     ax1.plot(steps, [r["exact_match"] for r in rows], marker="o", label=f"{name} overall")
     ax1.plot(steps, [r["carry_exact_match"] for r in rows], marker="x", label=f"{name} carry")
-    ax2.plot(steps, [r["kl"] for r in rows], marker="o", label=name)
-  ax1.set(xlabel="RL iteration", ylabel="held-out greedy exact match", ylim=(0, 1.02))
+    ax2.plot(steps, [r["kl"] for r in rows], marker="o", label=f"{name} ({KL_LOGGED[name]})")
+  ax1.set(
+    xlabel="RL iteration (0: the SFT model)",
+    ylabel="held-out greedy exact match",
+    ylim=(0, 1.02),
+  )
   ax2.set(xlabel="RL iteration", ylabel="KL to the reference (as logged)")
   ax1.legend()
   ax2.legend()

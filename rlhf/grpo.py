@@ -13,7 +13,7 @@ import numpy as np
 from rlhf import rollout
 from rlhf.kl import kl_estimate
 from rlhf.objectives import clipped_policy_loss, entropy, response_logprobs
-from rlhf.online import OnlineConfig, OnlineStage
+from rlhf.online import OnlineConfig, OnlineStage, concatenated
 from rlhf.score import jit_forward
 from train import stage as stagelib
 
@@ -281,24 +281,28 @@ class GRPO(OnlineStage):
       yield self.take(batch, jnp.arange(k * size, (k + 1) * size))
 
   def _scoring_forward(self, grouped: dict, out: rollout.Rollout) -> dict:
-    fwd_parts = []
+    """The scoring pass in minibatches: logprobs from the grouped layout (each prompt run once
+    per group), reward-model scores from the whole sequences."""
+    fwd = {}
     policy = self.states["policy"].params if self.score_policy else None
     if policy is not None or self.ref_params is not None:
-      for chunk in self._chunks(grouped):
-        fwd_parts.append(self.forward(policy, self.ref_params, None, None, chunk))
-    if self.reward_params is not None:  # the reward model reads whole sequences
+      fwd |= concatenated(
+        self.forward(policy, self.ref_params, None, None, chunk) for chunk in self._chunks(grouped)
+      )
+    if self.reward_params is not None:
       flat = self.mesh.shard(out.device_batch())
       size = self.rows * self.rl.group_size // self.rl.minibatches
-      for k in range(self.rl.minibatches):
-        chunk = self.take(flat, jnp.arange(k * size, (k + 1) * size))
-        part = self.forward(None, None, None, self.reward_params, chunk)
-        if fwd_parts:
-          fwd_parts[k] = {**fwd_parts[k], **part}
-        else:
-          fwd_parts.append(part)
-    if not fwd_parts:
-      return {}
-    return {k: jnp.concatenate([p[k] for p in fwd_parts]) for k in fwd_parts[0]}
+      fwd |= concatenated(
+        self.forward(
+          None,
+          None,
+          None,
+          self.reward_params,
+          self.take(flat, jnp.arange(k * size, (k + 1) * size)),
+        )
+        for k in range(self.rl.minibatches)
+      )
+    return fwd
 
   def score(self, prompts, out: rollout.Rollout) -> tuple[dict, dict]:
     rl = self.rl

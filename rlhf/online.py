@@ -68,6 +68,13 @@ class OnlineConfig:
         raise ValueError(f"rlhf.{name} must be > 0, got {getattr(self, name)}")
 
 
+def concatenated(parts) -> dict:
+  """One dict from the per-minibatch dicts of a scoring pass, each key's arrays joined along
+  the batch."""
+  parts = list(parts)
+  return {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def final_scores(raw_B, norm: dict, eos_B, missing_eos_penalty: float) -> np.ndarray:
   """Scores as rewards see them: the reward model's normalised (gain * raw + bias), less the
   penalty for each response that never emitted EOS."""

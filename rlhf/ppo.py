@@ -13,7 +13,7 @@ import numpy as np
 from rlhf import rollout
 from rlhf.kl import CONTROLLERS, ESTIMATORS, KLController
 from rlhf.objectives import ppo_policy_loss_fn, ppo_shared_loss_fn, ppo_value_loss_fn
-from rlhf.online import NO_DROPOUT, OnlineConfig, OnlineStage, final_scores  # noqa: F401
+from rlhf.online import NO_DROPOUT, OnlineConfig, OnlineStage, concatenated, final_scores  # noqa: F401
 from rlhf.score import advantages, jit_forward
 from train import stage as stagelib
 from train import weights
@@ -152,7 +152,7 @@ class PPO(OnlineStage):
       chunk = self.take(batch, jnp.arange(k * size, (k + 1) * size))
       policy = self.states["policy"].params
       parts.append(self.forward(policy, self.ref_params, critic, self.reward_params, chunk))
-    fwd = {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
+    fwd = concatenated(parts)
     records = [self.records[int(i)] for i in prompts["_index"]]
     raw, scores = self.scores(records, out, fwd.get("rm_scores"))
     beta = self.kl.beta

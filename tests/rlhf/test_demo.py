@@ -78,10 +78,13 @@ def test_the_shortened_road_reports_what_its_models_do(tmp_path):
     assert got["exact_match"] == right.mean(), name
     assert got["carry_exact_match"] == right[carry].mean(), name
     assert got["eos_rate"] == ended.mean(), name
-  # The curves read every kept RL checkpoint, the last one the model in the table.
+  # The curves start at the SFT model and read every kept RL checkpoint, the last one the
+  # model in the table.
   for name in ("ppo", "grpo"):
     curve = report["curves"][name]
-    assert [r["step"] for r in curve] == demo.checkpoint_steps(os.path.join(wd, name))
+    assert [r["step"] for r in curve] == [0] + demo.checkpoint_steps(os.path.join(wd, name))
+    assert curve[0]["exact_match"] == report["models"]["sft"]["exact_match"]
+    assert curve[0]["kl"] == 0.0
     assert curve[-1]["exact_match"] == report["models"][name]["exact_match"]
 
   # Pairs: the chosen answer is the true sum and the rejected one is not.
