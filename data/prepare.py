@@ -206,7 +206,7 @@ def _documents(source: str, split: str, text_field: str) -> Iterator[str]:
     return iter([sources.tinyshakespeare(split)])
   if split != "train":
     return iter(())
-  if source.endswith((".jsonl", ".json")):
+  if source.endswith(sources.JSONL_SUFFIXES):
     return sources.read_jsonl_text(source, field=text_field)
   return sources.read_text_files(source)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import gzip
 import importlib.metadata
 import json
 import math
@@ -51,8 +52,54 @@ class Preference:
 # ---------------------------------------------------------------- plain text
 
 
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+_NOT_UTF8 = "is not UTF-8 text; convert it (e.g. iconv -f LATIN1 -t UTF-8 FILE) or name a text file"
+
+
+def _raw(path: str):
+  """A binary file object, gunzipped when the name ends in .gz (as the Anthropic HH files
+  ship)."""
+  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _unreadable(path: str, e: Exception) -> DataError:
+  if isinstance(e, (gzip.BadGzipFile, EOFError, OSError)) and path.endswith(".gz"):
+    return DataError(f"{path}: not a whole gzip file ({e}); its name ends in .gz")
+  return DataError(f"{path}: cannot be read ({e})")
+
+
+def text_lines(path: str) -> Iterator[tuple[int, str]]:
+  """(line number, line) of a UTF-8 text file, gzipped or not; bytes that are not UTF-8 are a
+  DataError naming the file and line."""
+  try:
+    with _raw(path) as f:
+      for lineno, raw in enumerate(f, start=1):
+        try:
+          yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise DataError(f"{path}:{lineno}: byte {e.start} {_NOT_UTF8}") from None
+  except (OSError, EOFError) as e:
+    raise _unreadable(path, e) from None
+
+
+def read_text(path: str) -> str:
+  """A whole UTF-8 text file, gzipped or not, newlines as open() in text mode gives them."""
+  try:
+    with _raw(path) as f:
+      data = f.read()
+  except (OSError, EOFError) as e:
+    raise _unreadable(path, e) from None
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise DataError(f"{path}:{line}: {_NOT_UTF8}") from None
+  return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def expand_paths(
-  paths: str | os.PathLike | Iterable[str | os.PathLike], *, suffixes=(".txt",)
+  paths: str | os.PathLike | Iterable[str | os.PathLike], *, suffixes=TEXT_SUFFIXES
 ) -> list[str]:
   """Files from paths, directories (recursed, by suffix) and globs, sorted within each item."""
   if isinstance(paths, (str, os.PathLike)):
@@ -75,30 +122,29 @@ def expand_paths(
   return out
 
 
-def read_text_files(paths, *, suffixes=(".txt",)) -> Iterator[str]:
-  """One document per file; streamed file by file."""
+def read_text_files(paths, *, suffixes=TEXT_SUFFIXES) -> Iterator[str]:
+  """One document per file (UTF-8, gzipped when named .gz); streamed file by file."""
   for path in expand_paths(paths, suffixes=suffixes):
-    with open(path, encoding="utf-8") as f:
-      yield f.read()
+    yield read_text(path)
 
 
 # ---------------------------------------------------------------- JSONL
 
 
 def iter_jsonl(paths) -> Iterator[tuple[str, int, dict[str, Any]]]:
-  """Yields (file, line number, object) for each non-blank line; bad JSON names file and line."""
-  for path in expand_paths(paths, suffixes=(".jsonl", ".json")):
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-        if not isinstance(obj, dict):
-          raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        yield path, lineno, obj
+  """Yields (file, line number, object) for each non-blank line of UTF-8 JSONL files (gzipped
+  when named .gz); bad JSON or bytes that are not UTF-8 name the file and line."""
+  for path in expand_paths(paths, suffixes=JSONL_SUFFIXES):
+    for lineno, line in text_lines(path):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+      if not isinstance(obj, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+      yield path, lineno, obj
 
 
 def _field(obj: dict, name: str, path: str, lineno: int, kind=str):

@@ -170,3 +170,53 @@ def test_prompts_carry_extra_fields(tmp_path):
     {"prompt": "2+2?", "answer": "4"},
     {"prompt": "3+3?", "answer": "6"},
   ]
+
+
+def test_gzipped_jsonl_and_text_read_as_the_plain_files(tmp_path):
+  """.jsonl.gz and .txt.gz (as the Anthropic HH files ship) read exactly as their plain
+  originals, alone, in a directory and by glob; CRLF reads as text mode reads it."""
+  import gzip
+
+  prompt = "\n\nHuman: Hi there\n\nAssistant:"
+  rows = [{"chosen": prompt + " Hello.", "rejected": prompt + " Go away."}] * 3
+  plain = _write_jsonl(tmp_path / "hh.jsonl", rows)
+  (tmp_path / "gz").mkdir()
+  packed = tmp_path / "gz" / "hh.jsonl.gz"
+  with open(plain, "rb") as f, gzip.open(packed, "wb") as g:
+    g.write(f.read())
+  want = list(sources.read_preferences(plain))
+  assert len(want) == 3
+  assert list(sources.read_preferences(packed)) == want
+  assert list(sources.read_preferences(tmp_path / "gz")) == want
+  assert list(sources.read_preferences(str(tmp_path / "gz" / "*.gz"))) == want
+  text = "line one\r\nline two é\n"
+  (tmp_path / "plain.txt").write_bytes(text.encode())
+  with gzip.open(tmp_path / "gz" / "doc.txt.gz", "wb") as g:
+    g.write(text.encode())
+  with open(tmp_path / "plain.txt", encoding="utf-8") as f:
+    as_text_mode = f.read()
+  assert list(sources.read_text_files(tmp_path / "plain.txt")) == [as_text_mode]
+  assert list(sources.read_text_files(tmp_path / "gz")) == [as_text_mode]
+
+
+def test_bytes_that_are_not_utf8_and_broken_gzip_name_the_file(tmp_path):
+  """A Latin-1 file (text or JSONL) is a DataError naming the file and line, never a bare
+  UnicodeDecodeError; a truncated .gz names the file."""
+  import gzip
+
+  (tmp_path / "latin.txt").write_bytes("first\nsecond caf\xe9\n".encode("latin-1"))
+  with pytest.raises(DataError, match=r"latin\.txt:2: .*not UTF-8"):
+    list(sources.read_text_files(tmp_path / "latin.txt"))
+  (tmp_path / "latin.jsonl").write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+  with pytest.raises(DataError, match=r"latin\.jsonl:2: .*not UTF-8"):
+    list(sources.read_jsonl_text(tmp_path / "latin.jsonl"))
+  (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+  with pytest.raises(DataError, match=r"binary\.txt:2: .*not UTF-8"):  # byte 10 ends line 1
+    list(sources.read_text_files(tmp_path / "binary.txt"))
+  whole = gzip.compress(b'{"text": "a"}\n' * 100)
+  (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+  with pytest.raises(DataError, match=r"cut\.jsonl\.gz: not a whole gzip file"):
+    list(sources.read_jsonl_text(tmp_path / "cut.jsonl.gz"))
+  (tmp_path / "fake.txt.gz").write_bytes(b"plain text, not gzip")
+  with pytest.raises(DataError, match=r"fake\.txt\.gz: not a whole gzip file"):
+    list(sources.read_text_files(tmp_path / "fake.txt.gz"))
