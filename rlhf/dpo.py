@@ -240,19 +240,8 @@ class DPO(stagelib.BatchStage):
 
   def evaluate(self, params=None) -> dict:
     """Held-out DPO loss, implicit rewards, their margin and accuracy, and logprobs, per pair."""
-    if self.val_arrays is None:
-      return {}
-    dc = self.data_cfg
-    block, blocks = self.mesh.block(dc.eval_batch_size)
-    batches = chat.padded_batches(self.val_arrays, dc.eval_batch_size, block=block, blocks=blocks)
-    params = self.params if params is None else params
-    totals = stagelib.sum_eval(
-      self.eval_step, params, batches, self.mesh, self.train_cfg.eval_batches
-    )
-    pairs = totals.pop("count", 0.0)
-    # Not "loss": the loop reads that as a language model's, with a perplexity.
-    result = {k.replace("loss_sum", "dpo_loss"): v / max(pairs, 1.0) for k, v in totals.items()}
-    return {**result, "pairs": pairs}
+    totals = self.held_out_totals(params)
+    return {} if totals is None else stagelib.pair_eval_result(totals, "dpo_loss")
 
 
 def build(config, workdir: str) -> DPO:

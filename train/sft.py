@@ -151,15 +151,10 @@ class SFT(stagelib.BatchStage):
 
   def evaluate(self, params=None) -> dict:
     """The held-out loss (on assistant tokens) and greedy replies' exact-match rate."""
-    if self.val_arrays is None:
+    totals = self.held_out_totals(params)
+    if totals is None:
       return {}
-    dc = self.data_cfg
-    block, blocks = self.mesh.block(dc.eval_batch_size)
-    batches = chat.padded_batches(self.val_arrays, dc.eval_batch_size, block=block, blocks=blocks)
     params = self.params if params is None else params
-    totals = stagelib.sum_eval(
-      self.eval_step, params, batches, self.mesh, self.train_cfg.eval_batches
-    )
     result = stagelib.lm_eval_result(totals)
     if self.replies:
       got = self.reply([c for c, _ in self.replies], params)

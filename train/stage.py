@@ -131,6 +131,20 @@ class BatchStage(Stage):
   def close(self):
     self._it.close()
 
+  def held_out_totals(self, params=None) -> dict | None:
+    """Sums of the eval step's outputs over the held-out rows (`self.val_arrays`, padded into
+    batches of data.eval_batch_size; at most train.eval_batches of them), or None when
+    nothing is held out."""
+    if self.val_arrays is None:
+      return None
+    from data import chat
+
+    size = self.data_cfg.eval_batch_size
+    block, blocks = self.mesh.block(size)
+    batches = chat.padded_batches(self.val_arrays, size, block=block, blocks=blocks)
+    params = self.params if params is None else params
+    return sum_eval(self.eval_step, params, batches, self.mesh, self.train_cfg.eval_batches)
+
 
 def opt_config(config, total_steps: int) -> optim.OptimConfig:
   """config.opt, its schedule as long as the run's optimizer steps unless it says otherwise."""
@@ -346,6 +360,15 @@ def sum_eval(eval_step_fn, params, batches, mesh: Mesh, max_batches: int = 0) ->
     out = jax.tree.map(float, out)
     totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
   return totals or {"loss_sum": 0.0, "count": 0.0}
+
+
+def pair_eval_result(totals: dict, loss_name: str) -> dict:
+  """A pairwise stage's evaluation (reward model, DPO): every sum per pair, the loss under
+  `loss_name` (not "loss": the loop reads that as an LM's, with a perplexity), and the count."""
+  totals = dict(totals)
+  pairs = totals.pop("count", 0.0)
+  result = {k.replace("loss_sum", loss_name): v / max(pairs, 1.0) for k, v in totals.items()}
+  return {**result, "pairs": pairs}
 
 
 def lm_eval_result(totals: dict) -> dict:

@@ -1,6 +1,7 @@
-"""Exact resume: a run stopped by SIGTERM or SIGINT, or killed with -9 after a checkpoint, and resumed
-has bitwise the losses and final parameters of an uninterrupted run (CPU), dropout included:
-pretraining, SFT, the reward model, PPO, DPO and GRPO, each through the one loop."""
+"""Exact resume: a run stopped by SIGTERM (then, resumed, killed with -9 after a checkpoint)
+or by SIGINT, and resumed, has bitwise the losses and final parameters of an uninterrupted
+run (CPU), dropout included: pretraining, SFT, the reward model, PPO, DPO and GRPO, each
+through the one loop."""
 
 import json
 import os
@@ -151,19 +152,42 @@ def assert_same_run(workdir, reference):
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir, steps), want_params)
 
 
-def test_sigterm_saves_and_resumes_exactly(prepared, reference, tmp_path):
-  """A preemption notice (SIGTERM) saves the step it stopped at, whatever the stage."""
-  interrupt_and_resume(signal.SIGTERM, prepared, reference, str(tmp_path))
+def test_sigterm_then_kill_9_resume_exactly(prepared, reference, tmp_path):
+  """A preemption notice (SIGTERM) saves the step it stopped at, whatever the stage; the
+  resumed run, killed with -9 after its next checkpoint, resumes from there and redoes the
+  steps after it. Every step's losses and the final parameters are bitwise the uninterrupted
+  run's. Losses are compared before the kill too, so a failure names the fault."""
+  workdir = str(tmp_path)
+  stopped = interrupt(signal.SIGTERM, prepared, workdir)
+  after = (stopped // 10 + 1) * 10  # checkpoint_every=10
+  proc = start(workdir, prepared)
+  wait_for(lambda: os.path.isdir(os.path.join(workdir, "checkpoints", str(after))), proc)
+  proc.kill()
+  out, _ = proc.communicate()
+  assert f"resumed from step {stopped}" in out
+  want_losses, _ = reference
+  got = losses_by_step(workdir)
+  wrong = [s for s in range(1, after + 1) if got.get(s) != want_losses[s]]
+  assert not wrong, f"after SIGTERM at step {stopped} and resume, losses differ at {wrong[:5]}"
+  out = finish(start(workdir, prepared))
+  assert "resumed from step" in out
+  assert_same_run(workdir, reference)
 
 
 @pytest.mark.parametrize("prepared", ["pretrain"], indirect=True)
 def test_sigint_saves_and_resumes_exactly(prepared, reference, tmp_path):
   """Ctrl-C (SIGINT) goes through the same handler as SIGTERM in every stage; pretraining's
   run shows it saves and resumes too."""
-  interrupt_and_resume(signal.SIGINT, prepared, reference, str(tmp_path))
+  workdir = str(tmp_path)
+  stopped = interrupt(signal.SIGINT, prepared, workdir)
+  out = finish(start(workdir, prepared))
+  assert f"resumed from step {stopped}" in out
+  assert_same_run(workdir, reference)
 
 
-def interrupt_and_resume(sig, prepared, reference, workdir):
+def interrupt(sig, prepared, workdir) -> int:
+  """Runs until 15 steps are logged, sends `sig`, and checks that the run saved the step it
+  stopped at; returns that step."""
   proc = start(workdir, prepared)
   metrics = os.path.join(workdir, "metrics.jsonl")
   wait_for(lambda: os.path.exists(metrics) and len(read_metrics(metrics)) >= 15, proc)
@@ -175,17 +199,4 @@ def interrupt_and_resume(sig, prepared, reference, workdir):
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped))), (
     f"{signal.Signals(sig).name} must checkpoint the step it stopped at"
   )
-  out = finish(start(workdir, prepared))
-  assert f"resumed from step {stopped}" in out
-  assert_same_run(workdir, reference)
-
-
-def test_kill_9_after_checkpoint_resumes_exactly(prepared, reference, tmp_path):
-  workdir = str(tmp_path)
-  proc = start(workdir, prepared)
-  wait_for(lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "20")), proc)
-  proc.kill()
-  proc.wait()
-  out = finish(start(workdir, prepared))
-  assert "resumed from step" in out
-  assert_same_run(workdir, reference)
+  return stopped
