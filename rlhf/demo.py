@@ -135,12 +135,6 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def write_jsonl(path: str, rows) -> None:
-  with open(path, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-
-
 # ---------------------------------------------------------------- the road
 
 
@@ -197,21 +191,15 @@ def pairs_from_sft(
     stats["pairs"] += counts["pairs"]
     stats["ties_dropped"] += counts["ties_dropped"]
     stats["non_numeric_dropped"] += keep.count(False)
-  write_jsonl(out_path, pairs)
+  tasks.write_jsonl(out_path, pairs)
   return stats
 
 
-def last_eval(workdir: str) -> dict:
+def last_row(workdir: str, split: str) -> dict:
+  """The run's last logged row of `split` ("train" or "val"), or {}."""
   from train.metrics import read_metrics
 
-  rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "val"]
-  return rows[-1] if rows else {}
-
-
-def last_train(workdir: str) -> dict:
-  from train.metrics import read_metrics
-
-  rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train"]
+  rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == split]
   return rows[-1] if rows else {}
 
 
@@ -271,7 +259,7 @@ def run(
     c.data.path = d("task/pairs.jsonl")
     c.train.init_from = c.rlhf.norm_policy = d("sft")
     run_stage("rm", c, d("rm"), times)
-    ev = last_eval(d("rm"))
+    ev = last_row(d("rm"), "val")
     report["reward_model"] = {k: ev[k] for k in ("accuracy", "reward_gap") if k in ev}
 
   if "ppo" in stages:
@@ -283,7 +271,7 @@ def run(
     c.train.keep_checkpoints = 8
     run_stage("ppo", c, d("ppo"), times)
     report["models"]["ppo"] = evaluate(d("ppo"), heldout, chat=True, seed=seed)
-    report["models"]["ppo"]["kl"] = last_train(d("ppo")).get("kl")
+    report["models"]["ppo"]["kl"] = last_row(d("ppo"), "train").get("kl")
 
   if "dpo" in stages:
     c = stage_config("dpo", seed, scale, configure)
@@ -300,7 +288,7 @@ def run(
     c.train.keep_checkpoints = 8
     run_stage("grpo", c, d("grpo"), times)
     report["models"]["grpo"] = evaluate(d("grpo"), heldout, chat=True, seed=seed)
-    report["models"]["grpo"]["kl"] = last_train(d("grpo")).get("policy/kl")
+    report["models"]["grpo"]["kl"] = last_row(d("grpo"), "train").get("policy/kl")
 
   report["curves"] = {
     name: rl_curve(d(name), heldout, report["models"]["sft"])

@@ -71,7 +71,8 @@ def exact_match(records: Sequence[dict], completions: Sequence[str]) -> list[flo
   return [float(c.strip() == str(r["answer"])) for r, c in zip(records, completions)]
 
 
-def _write(path: str, rows: Iterable[dict]) -> int:
+def write_jsonl(path: str, rows: Iterable[dict]) -> int:
+  """Writes rows as JSONL; returns how many."""
   n = 0
   with open(path, "w") as f:
     for row in rows:
@@ -95,14 +96,16 @@ def write_files(out_dir: str, seed: int = 0, held_out: float = 0.1) -> dict[str,
   }
   order = rng.permutation(len(train))
   equations = [f"{prompt(a, b)}{answer(a, b)}" for a, b in (train[i] for i in order)]
-  _write(paths["pretrain"], ({"text": e} for e in equations))
-  _write(paths["pretrain_val"], ({"text": e} for e in equations[: len(equations) // 10]))
-  _write(
+  write_jsonl(paths["pretrain"], ({"text": e} for e in equations))
+  write_jsonl(paths["pretrain_val"], ({"text": e} for e in equations[: len(equations) // 10]))
+  write_jsonl(
     paths["sft"],
     ({"prompt": prompt(a, b), "response": demonstration(a, b, rng)} for a, b in train),
   )
-  _write(paths["prompts"], ({"prompt": prompt(a, b), "answer": answer(a, b)} for a, b in train))
-  _write(paths["heldout"], ({"prompt": prompt(a, b), "answer": answer(a, b)} for a, b in held))
+  write_jsonl(
+    paths["prompts"], ({"prompt": prompt(a, b), "answer": answer(a, b)} for a, b in train)
+  )
+  write_jsonl(paths["heldout"], ({"prompt": prompt(a, b), "answer": answer(a, b)} for a, b in held))
   return paths
 
 
