@@ -82,6 +82,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.init_from = ""
   c.train.init_step = 0  # the workdir's checkpoint step to start from; 0: its latest
   c.train.init_state = ""  # which of the checkpoint's models ("" : its language model)
+  # A step whose loss or gradient is NaN or Inf never changes the model. stop: the run stops,
+  # naming the step (its last checkpoint is good); skip: the run goes on to the next batch.
+  c.train.nonfinite = "stop"
+  # Resume a workdir whose checkpoints another config made (the fields that differ are named
+  # and the run refuses, unless this is set). train/checkpoint.py:FREE_TO_CHANGE lists the
+  # fields any resume may change: steps, logging, checkpointing, the mesh.
+  c.train.allow_config_change = False
 
   c.distributed = ml_collections.ConfigDict()  # docs/multihost.md; read by train/distributed.py
   c.distributed.coordinator = ""  # process 0's host:port; "": the launcher's env if any; "off": one

@@ -3,14 +3,72 @@ mesh layout."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be written or read; the message says which and what to do."""
+
+
+class ConfigMismatch(ValueError):
+  """A workdir's checkpoints were made by another config."""
+
+
+# What a resumed run may change: how long and how it runs, where, and what it logs; not what
+# it trains. Prefixes of dotted config fields.
+FREE_TO_CHANGE = (
+  "train.steps",
+  "train.log_every",
+  "train.eval_every",
+  "train.eval_batches",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.async_checkpoints",
+  "train.max_seconds",
+  "train.peak_flops",
+  "train.sample_",
+  "train.tensorboard",
+  "train.progress",
+  "train.nonfinite",
+  "train.allow_config_change",
+  "mesh.",
+  "distributed.",
+  "data.worker_count",
+)
+
+
+def config_changes(saved: dict, now: dict) -> dict[str, tuple]:
+  """{dotted field: (saved, now)} for the fields of two configs that differ, leaving out
+  FREE_TO_CHANGE and fields only one of them has (added or removed since). train.steps sets
+  the schedule's length when opt.total_steps is 0, and then counts as opt.total_steps."""
+
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+  a, b = (flat(json.loads(json.dumps(c, default=str))) for c in (saved, now))
+  for c in (a, b):
+    if c.get("opt.total_steps") == 0:
+      c["opt.total_steps"] = c.get("train.steps")
+  return {
+    k: (a[k], b[k])
+    for k in sorted(a.keys() & b.keys())
+    if a[k] != b[k] and not k.startswith(FREE_TO_CHANGE)
+  }
+
+
 STATES = "states"  # the item holding the stage's pytree of TrainStates
+CHECKSUMS = "checksums"  # fingerprint(states) at save time, checked by every restore
 LEGACY_STATE = "state"  # checkpoints written before stages held one TrainState here
 
 
@@ -29,18 +87,98 @@ class Checkpointer:
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.async_save = async_save
+    self._pending = None  # the step whose save may still be running in the background
+    self.failed = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, states, items: dict[str, Any]) -> bool:
     """`states` is any pytree of arrays; `items` maps a name to a JSON-able value (None
-    values are left out)."""
+    values are left out). A save that fails, now or in the background (a full disk), is a
+    CheckpointError naming the step and the checkpoints still intact."""
     if STATES in items:
       raise ValueError(f"{STATES!r} names the states item; choose another JSON item name")
     args = {STATES: ocp.args.StandardSave(states)}
+    items = {**items, CHECKSUMS: fingerprint(states)}
     args.update({k: ocp.args.JsonSave(v) for k, v in items.items() if v is not None})
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+    self.wait()  # orbax runs one save at a time; an error of the last one names its step
+    with self._saving(step):
+      saved = self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+    self._pending = step if self.async_save else None
+    return saved
+
+  @contextlib.contextmanager
+  def _saving(self, step):
+    """Turns an error of this save, or of the one still in the background, into a
+    CheckpointError naming both the step and the checkpoints on disk (left intact: orbax
+    writes into a temporary directory and commits it only when complete)."""
+    try:
+      yield
+    except (OSError, ValueError, RuntimeError) as e:
+      self.failed = True
+      kept = sorted(s for s in self.manager.all_steps() if os.path.isdir(self._path(s)))
+      where = step if step is not None else self._pending
+      raise CheckpointError(
+        f"saving checkpoint step {where} in {self.directory} failed: {e}. "
+        + (
+          f"Checkpoints {kept} are intact; free space and run again to resume from step "
+          f"{max(kept)}."
+          if kept
+          else "No earlier checkpoint exists."
+        )
+      ) from e
+
+  def _path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def check_config(self, check) -> None:
+    """Runs `check(saved config dict)` on the config of the newest checkpoint whose config
+    can be read (none: nothing to check); `check` raises to refuse the resume."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        config = self.restore_items(step, ["config"]).get("config")
+      except Exception:  # unreadable: restore_latest reports it
+        continue
+      if config is not None:
+        check(config)
+      return
+
+  def restore_latest(self, abstract_states):
+    """(step, states, JSON items) of the newest checkpoint that restores, or None when there
+    is none.
+
+    A checkpoint that cannot be read (truncated, corrupted) is moved aside to
+    `unreadable-<step>` with a warning naming it and the step resumed instead; when none can
+    be read, a CheckpointError names each failure and nothing is moved (never a silent fresh
+    start)."""
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        states, items = self.restore(step, abstract_states)
+      except Exception as e:  # orbax and tensorstore raise many kinds
+        first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0][:200]
+        failed.append((step, f"{type(e).__name__}: {first}"))
+        continue
+      for bad, why in failed:  # every process tried; the first moves them
+        aside = os.path.join(self.directory, f"unreadable-{bad}")
+        if jax.process_index() == 0:
+          os.replace(self._path(bad), aside)
+          print(
+            f"WARNING: checkpoint step {bad} in {self.directory} cannot be read ({why}); "
+            f"moved it to {aside} and resuming from step {step} instead"
+          )
+      if failed:
+        self.manager.reload()
+      return step, states, items
+    if failed:
+      raise CheckpointError(
+        f"no checkpoint in {self.directory} can be read: "
+        + "; ".join(f"step {s}: {why}" for s, why in failed)
+        + ". Move the directory away to start afresh, or restore it from a copy."
+      )
+    return None
 
   def item_names(self, step: int) -> list[str]:
     path = os.path.join(self.directory, str(step))
@@ -56,7 +194,15 @@ class Checkpointer:
     items = {STATES: ocp.args.StandardRestore(abstract_states)}
     items.update({n: ocp.args.JsonRestore() for n in names if n != STATES})
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored[STATES], {n: restored[n] for n in names if n != STATES}
+    if CHECKSUMS in names:
+      saved, now = restored[CHECKSUMS], fingerprint(restored[STATES])
+      wrong = [k for k in saved if saved[k] != now.get(k)]
+      if wrong:
+        raise CheckpointError(
+          f"checkpoint step {step} in {self.directory}: the bits of {len(wrong)} of {len(saved)} arrays "
+          f"({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}) differ from those saved"
+        )
+    return restored[STATES], {n: restored[n] for n in names if n not in (STATES, CHECKSUMS)}
 
   def _restore_legacy(self, step, abstract_states, names):
     """One TrainState under 'state' and the data iterator under 'data'."""
@@ -84,11 +230,46 @@ class Checkpointer:
     return self.restore_items(step, ["config"])["config"]
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the save running in the background, if any."""
+    if self._pending is None:
+      return
+    with self._saving(None):
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    self._pending = None
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      if not self.failed:
+        self.wait()
+    finally:
+      self.manager.close()
+
+
+@jax.jit
+def _fingerprints(tree):
+  def one(x):
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+      bits = x.astype(jnp.uint32)
+    else:
+      unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+      bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    odd = 2 * jax.lax.iota(jnp.uint32, max(x.size, 1))[: x.size].reshape(x.shape) + 1
+    return jnp.sum(bits * odd, dtype=jnp.uint32)
+
+  return jax.tree.map(one, tree)
+
+
+def fingerprint(tree) -> dict[str, int]:
+  """{path: checksum} of every array's bits: the sum of bits[i] * (2i + 1) over the flat
+  logical index i, modulo 2^32. Integer sums do not depend on the order or the sharding, so a
+  checkpoint restored onto another layout checks the same; flipping any one bit changes its
+  array's checksum (2^k times an odd number is never 0 modulo 2^32)."""
+  sums = jax.device_get(_fingerprints(tree))
+  return {
+    jax.tree_util.keystr(path): int(v) for path, v in jax.tree_util.tree_leaves_with_path(sums)
+  }
 
 
 def abstract_like(tree, shardings):

@@ -70,23 +70,42 @@ def _items(stage: Stage, config, tokenizer_json) -> dict:
   }
 
 
+class NonFiniteError(RuntimeError):
+  """A step whose loss or gradient is NaN or Inf, under train.nonfinite=stop."""
+
+
+def _check_resume_config(saved: dict, config, workdir: str) -> None:
+  changes = ckpt.config_changes(saved, config.to_dict())
+  if changes and not config.train.get("allow_config_change", False):
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+    raise ckpt.ConfigMismatch(
+      f"{workdir} holds checkpoints of a run with another config (field: saved -> now): "
+      f"{shown}. Choose another --workdir, or resume with these changes by setting "
+      "--config.train.allow_config_change=True."
+    )
+
+
 def train(config, workdir: str) -> dict:
   """Trains the stage `config.stage` names (resuming from the latest checkpoint in workdir)
   and returns a summary."""
   os.makedirs(workdir, exist_ok=True)
+  checkpointer = ckpt.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    config.train.get("keep_checkpoints", 3),
+    config.train.get("async_checkpoints", True),
+  )
+  # Before anything is built: a workdir of another run is refused by name.
+  checkpointer.check_config(lambda saved: _check_resume_config(saved, config, workdir))
   stage = build_stage(config, workdir)
   tc = stage.train_cfg
   primary = jax.process_index() == 0
   if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
-  checkpointer = ckpt.Checkpointer(
-    os.path.join(workdir, "checkpoints"), tc.keep_checkpoints, tc.async_checkpoints
-  )
-  start = checkpointer.latest_step() or 0
-  if start:
-    abstract = ckpt.abstract_like(stage.states, stage.state_shardings)
-    stage.states, items = checkpointer.restore(start, abstract)
+  start = 0
+  resumed = checkpointer.restore_latest(ckpt.abstract_like(stage.states, stage.state_shardings))
+  if resumed is not None:
+    start, stage.states, items = resumed
     stage.load_host_state(items.get("host", {}))
     print(f"resumed from step {start} in {checkpointer.directory}")
 
@@ -147,6 +166,40 @@ def train(config, workdir: str) -> dict:
       if stage.echo_samples:
         bar.write(f"step {step} {tag}:\n{text}")
 
+  checked = [start]  # the last step check_finite has seen
+
+  def check_finite(at, step_metrics):
+    """A step of iteration `at` with a NaN or Inf loss or gradient left its state unchanged
+    (train/step.py); under train.nonfinite=stop the run stops here, naming it."""
+    if at <= checked[0]:
+      return
+    checked[0] = at
+    flags = jax.device_get([m["nonfinite"] for _, m in step_metrics])
+    bad = [(name, m) for (name, m), flag in zip(step_metrics, flags) if flag]
+    if not bad:
+      return
+    name, m = bad[0]
+    what = (
+      f"{name if len(stage.states) > 1 else 'the'} loss {float(m['loss']):.4g}, gradient norm "
+      f"{float(m['grad_norm']):.4g}"
+    )
+    if tc.nonfinite == "skip":
+      bar.write(f"step {at}: {what}; skipped the update (train.nonfinite=skip)")
+      return
+    checkpointer.close()
+    writer.close()
+    latest = checkpointer.latest_step()
+    raise NonFiniteError(
+      f"step {at}: {what}. The run stopped without applying or saving that step; "
+      + (
+        f"its last checkpoint, step {latest} in {checkpointer.directory}, is good"
+        if latest
+        else "it has no checkpoint yet"
+      )
+      + ". Look at that step's data or lower the learning rate, then run again to resume; "
+      "--config.train.nonfinite=skip skips such steps instead."
+    )
+
   last, pending = {}, None
   t_start = time.perf_counter()
   stop = ckpt.StopSignal()
@@ -159,6 +212,7 @@ def train(config, workdir: str) -> dict:
       step += 1
       if pending is not None:  # read the previous iteration's metrics while this one runs
         pending_step, *pending_m = pending
+        check_finite(pending_step, pending_m[0])
         if pending_step % tc.log_every == 0 or pending_step == start + 1:
           last = log(pending_step, *pending_m)
       pending = (step, step_metrics, host)
@@ -185,6 +239,7 @@ def train(config, workdir: str) -> dict:
         else:
           bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in ev.items()))
       if saving:
+        check_finite(step, step_metrics)  # never a checkpoint after a bad step under "stop"
         # The host state now is exactly `step` iterations in: what a resume needs.
         checkpointer.save(step, stage.states, _items(stage, config, tokenizer_json))
       if done:

@@ -42,6 +42,12 @@ class TrainConfig:
   init_from: str = ""
   init_step: int = 0
   init_state: str = ""
+  nonfinite: str = "stop"
+  allow_config_change: bool = False
+
+  def __post_init__(self):
+    if self.nonfinite not in ("stop", "skip"):
+      raise ValueError(f"config.train.nonfinite is {self.nonfinite!r}; choose 'stop' or 'skip'")
 
 
 def section(cls, values: Mapping[str, Any], name: str):

@@ -208,11 +208,19 @@ def train_step(
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    # A NaN or Inf in the loss or the gradients leaves the parameters and the optimizer as
+    # they were (the loop then stops or skips, by train.nonfinite): a bad batch never reaches
+    # a checkpoint. The select fuses into the update; finite steps are bitwise unchanged.
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
   metrics = {
     "loss": loss_sum / denom,
-    "grad_norm": optax.tree.norm(grads),
+    "grad_norm": grad_norm,
     "lr": lr_schedule(state.step),
     count_name: count,
+    "nonfinite": 1.0 - finite.astype(jnp.float32),
   }
   metrics.update(finalize_metrics(metric_sums, denom))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

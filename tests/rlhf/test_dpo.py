@@ -238,4 +238,4 @@ def test_dpo_reaches_the_optimum_of_a_bandit(tmp_path, seed):
   )
 
 
-# Resume (SIGTERM, SIGINT, kill -9) is tests/train/test_resume.py's, with the other stages.
+# Resume (kill -9, SIGTERM, SIGINT) is tests/faults/test_kill.py's, with the other stages.

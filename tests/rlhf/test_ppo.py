@@ -237,12 +237,12 @@ def bandit_distribution(stage, params):
   return np.asarray(jax.nn.softmax(model(jnp.asarray([ids]))[0, -1]), np.float64)
 
 
-@pytest.mark.parametrize("seed,critic", [(0, "separate"), (1, "separate"), (0, "shared")])
+@pytest.mark.parametrize("seed,critic", [(0, "separate"), (1, "shared")])
 def test_ppo_reaches_the_kl_regularised_optimum_of_a_bandit(tmp_path, seed, critic):
   """One prompt, one-token responses, a fixed reward per token, fixed beta 0.5: the optimum of
   E[r] - beta KL(pi || ref) is pi*(y) ∝ ref(y) exp(r(y) / beta). After 200 iterations PPO is
-  within total variation 0.05 of it, for each seed, with a separate critic or one sharing the
-  policy's trunk."""
+  within total variation 0.05 of it, on two seeds: one with a separate critic, one with a
+  critic sharing the policy's trunk."""
   c = ppo_config(tmp_path, "tests.rlhf.test_ppo:bandit_reward", seed=seed, critic=critic)
   c.train.seed, c.train.steps = seed, 200
   # Gentle steps: a policy that drops a token early never samples it again to recover it.
