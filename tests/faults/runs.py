@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data import corpus
+from tests.conftest import FAST_COMPILE
 from tests.rlhf.test_reward import all_sum_pairs, sum_pairs
 from tests.train.test_sft import reversal_chats
 
@@ -89,7 +90,7 @@ class Zygote:
   training code imported already (a run's process then starts in about a second, not four)."""
 
   def __init__(self):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     self.proc = subprocess.Popen(
       [sys.executable, "-m", "tests.faults.zygote"],
       cwd=REPO,

@@ -154,7 +154,7 @@ def test_a_workdir_of_another_config_refuses_to_resume_naming_the_fields(
   assert (workdir / "config.json").read_text() == before, "a refused run writes nothing"
   if stage != "pretrain":
     return
-  free = runs.short(prepared, 8, train__log_every=2, train__keep_checkpoints=5, mesh__devices=2)
+  free = runs.short(prepared, 8, train__log_every=2, train__keep_checkpoints=5)
   assert loop.train(free, str(workdir))["start_step"] == 6
   changed.train.steps = 10
   changed.train.allow_config_change = True
