@@ -5,12 +5,8 @@ import os
 import shutil
 import tempfile
 
-# XLA:CPU's LLVM backend without its optimisation passes: the suite's tiny programs spend
-# more time compiling than running (a third less time for compile-bound tests). The HLO, and
-# so fusion, sharding and collectives, is the same.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the whole run, shared by pytest's workers and by the processes that

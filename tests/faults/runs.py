@@ -13,10 +13,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data import corpus
-from tests.conftest import FAST_COMPILE
 from tests.rlhf.test_reward import all_sum_pairs, sum_pairs
 from tests.train.test_sft import reversal_chats
 
+# The fault runs compare with one another only, so they may compile with XLA:CPU's LLVM
+# optimisation off: their tiny programs spend more time compiling than running. (Not the whole
+# suite: two programs that compute the same logprobs then differ in their last bits, and tests
+# that a first PPO/GRPO update has KL exactly 0 rightly fail.)
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGES = ["pretrain", "sft", "rm", "ppo", "dpo", "grpo"]
 # Iterations per run: enough for 10 kills and a signal at distinct steps, each stage's steps
