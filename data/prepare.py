@@ -21,6 +21,13 @@ META_FILE = "meta.json"
 DOC_STARTS_FILE = "doc_starts.bin"
 TOKENIZER_DIR = "tokenizer"
 
+DEBUG_ENV = "FROMSCRATCH_DEBUG"  # set, an error shows its traceback (as in train/cli.py)
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, not argparse's usage block (--help shows that)
+    self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
 
 def _shard_name(k: int) -> str:
   return f"tokens-{k:05d}.bin"
@@ -41,7 +48,7 @@ class _ShardWriter:
     self._starts = open(os.path.join(out_dir, DOC_STARTS_FILE), "wb")
 
   def add_document(self, ids_T: np.ndarray) -> None:
-    np.array([self.num_tokens], dtype=np.int64).tofile(self._starts)
+    self._write(np.array([self.num_tokens], dtype=np.int64), self._starts)
     while len(ids_T):
       if self._file is None or self.num_tokens % self.shard_tokens == 0:
         if self._file is not None:
@@ -49,9 +56,16 @@ class _ShardWriter:
         self._file = open(os.path.join(self.out_dir, _shard_name(self.num_shards)), "wb")
         self.num_shards += 1
       room = self.shard_tokens - self.num_tokens % self.shard_tokens
-      ids_T[:room].astype(self.dtype).tofile(self._file)
+      self._write(ids_T[:room].astype(self.dtype), self._file)
       self.num_tokens += min(room, len(ids_T))
       ids_T = ids_T[room:]
+
+  @staticmethod
+  def _write(array: np.ndarray, file) -> None:
+    try:
+      array.tofile(file)
+    except OSError as e:  # numpy's message names no file: "N requested and M written"
+      raise OSError(f"writing {file.name} failed: {e} (is the disk full?)") from e
 
   def close(self) -> None:
     if self._file is not None:
@@ -212,7 +226,7 @@ def _documents(source: str, split: str, text_field: str) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-  p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__)
+  p = _Parser(prog="python -m data.prepare", description=__doc__)
   p.add_argument(
     "--source",
     default="builtin",
@@ -243,8 +257,19 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument(
     "--out", required=True, help="output directory: writes train/, val/ and tokenizer/"
   )
+  p.add_argument(
+    "--debug", action="store_true", help=f"show an error's traceback (or set {DEBUG_ENV}=1)"
+  )
   args = p.parse_args(argv)
+  try:
+    _prepare(args)
+  except (ValueError, OSError) as e:  # DataError included: each names the file, line or flag
+    if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+      raise
+    p.exit(1, f"{p.prog}: error: {e}\n")
 
+
+def _prepare(args) -> None:
   def docs(split):
     if split == "val" and args.val_source:
       return _documents(args.val_source, "train", args.text_field)

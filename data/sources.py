@@ -330,8 +330,7 @@ def tinyshakespeare(split: str = "train", path: str | None = None) -> str:
   path = path or TINYSHAKESPEARE
   if not os.path.exists(path):
     raise DataError(f"tinyshakespeare text not found at {path}")
-  with open(path, encoding="utf-8") as f:
-    data = f.read()
+  data = read_text(path)
   n = len(data)
   if split == "train":
     return data[: int(n * 0.9)]

@@ -151,6 +151,15 @@ def save_ours(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: str | Non
 
 def load_ours(ckpt_dir: str) -> tuple[ModelConfig, dict, str | None]:
   """Reads our checkpoint folder: (ModelConfig, pure params dict, tokenizer path or None)."""
+  if not os.path.isfile(os.path.join(ckpt_dir, MANIFEST)):
+    raise ConversionError(
+      f"{ckpt_dir} has no {MANIFEST}: not a folder that `python -m model.convert import` wrote"
+      + (
+        " (a training workdir's checkpoints do not export yet)"
+        if os.path.isdir(os.path.join(ckpt_dir, "checkpoints"))
+        else ""
+      )
+    )
   manifest = _read_json(os.path.join(ckpt_dir, MANIFEST))
   if manifest.get("format") != FORMAT:
     raise ConversionError(

@@ -12,9 +12,10 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from data.chat import render_prompt
+from train import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run's workdir")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
@@ -149,23 +150,17 @@ def main(argv):
   from train.weights import load_for_inference
 
   if not os.path.isdir(os.path.join(_WORKDIR.value, "checkpoints")):
-    print(
-      f"chat: {_WORKDIR.value} has no checkpoints/: give the workdir of a training run "
-      "(python -m train.main --workdir=DIR)",
-      file=sys.stderr,
+    raise FileNotFoundError(
+      f"{_WORKDIR.value} has no checkpoints/: give the workdir of a training run "
+      "(python -m train.main --workdir=DIR)"
     )
-    return 1
-  try:
-    cfg = SamplingConfig(
-      max_new_tokens=_TOKENS.value,
-      temperature=_TEMPERATURE.value,
-      top_k=_TOP_K.value,
-      top_p=_TOP_P.value,
-    )
-    model_cfg, _, params, tok = load_for_inference(_WORKDIR.value, _STEP.value)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"chat: {e}", file=sys.stderr)
-    return 1
+  cfg = SamplingConfig(
+    max_new_tokens=_TOKENS.value,
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+  )
+  model_cfg, _, params, tok = load_for_inference(_WORKDIR.value, _STEP.value)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
   chat = Chat(Sampler(graphdef), params, tok, model_cfg, cfg, _SEED.value, _SYSTEM.value)
 
@@ -193,4 +188,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(OSError):
   """A checkpoint that cannot be written or read; the message says which and what to do."""
 
 

@@ -70,7 +70,7 @@ def _items(stage: Stage, config, tokenizer_json) -> dict:
   }
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(FloatingPointError):
   """A step whose loss or gradient is NaN or Inf, under train.nonfinite=stop."""
 
 

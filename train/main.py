@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "experiment config file", lock_config=True
-)
+from train import cli
+
+_CONFIG = cli.define_config("config", None, "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where data, checkpoints and logs go")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -31,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -287,15 +287,14 @@ def _main(argv):
 
 
 def main():
-  from absl import app, flags
-  from ml_collections import config_flags
+  from absl import flags
+
+  from train import cli
 
   base = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py"
   )
-  config_flags.DEFINE_config_file(
-    "config", base, "experiment config file (default: base)", lock_config=True
-  )
+  cli.define_config("config", base, "experiment config file (default: base)")
   flags.DEFINE_list("devices", ["8"], "device counts to plan for (may exceed this machine's)")
   flags.DEFINE_list("layouts", list(LAYOUTS), "layouts from configs/sharding to plan")
   flags.DEFINE_string(
@@ -304,7 +303,7 @@ def main():
     "model preset (model/config.py) instead of config.model; "
     "--config.model.* flags still apply on top",
   )
-  app.run(_main)
+  cli.run(_main)
 
 
 if __name__ == "__main__":

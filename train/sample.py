@@ -3,7 +3,9 @@ python -m train.sample --workdir=DIR --prompt='ROMEO:'."""
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from train import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training run's workdir")
 _PROMPT = flags.DEFINE_string("prompt", "", "text to continue")
@@ -33,8 +35,9 @@ def main(argv):
   prompt = tok.encode(_PROMPT.value, bos=data_cfg.get("add_bos", True)) or [tok.bos_id]
   budget = model_cfg.max_seq_len - len(prompt) if model_cfg.position == "learned" else _TOKENS.value
   if budget <= 0:
-    raise app.UsageError(
-      f"the prompt has {len(prompt)} tokens; the model's max_seq_len is {model_cfg.max_seq_len}"
+    raise ValueError(
+      f"--prompt has {len(prompt)} tokens and the model's max_seq_len is "
+      f"{model_cfg.max_seq_len}: no room to continue it; shorten the prompt"
     )
   cfg = SamplingConfig(
     max_new_tokens=min(_TOKENS.value, budget),
@@ -52,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -87,13 +87,12 @@ def resolve(path: str, step: int = 0, state: str = "") -> Source:
   if os.path.isdir(os.path.join(path, "checkpoints")):
     return _resolve_workdir(path, step, state)
   if os.path.isfile(os.path.join(path, "config.json")):
-    from model import convert, hf_files
+    from model import hf_config, hf_files
 
-    hf_config = hf_files.read_config(path)
-    cfg = convert.hf_config_to_model(hf_config)
-    return Source("hf", path, None, "", "lm", cfg, hf_config)
+    config = hf_files.read_config(path)
+    return Source("hf", path, None, "", "lm", hf_config.hf_config_to_model(config), config)
   raise FileNotFoundError(
-    f"init_from={path!r} is neither one of our workdirs (no checkpoints/ in it) nor a Hugging "
+    f"{path!r} is neither one of our workdirs (no checkpoints/ in it) nor a Hugging "
     f"Face folder (no config.json in it)"
   )
 

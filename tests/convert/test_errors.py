@@ -10,6 +10,7 @@ from flax import nnx
 
 from model import convert, hf_files
 from model.config import ModelConfig, preset
+from model.hf_config import hf_config_to_model, model_to_hf_config
 from model.transformer import Transformer
 
 
@@ -126,7 +127,7 @@ def test_unsupported_gpt2_settings_name_the_field(field, value):
 
 def test_missing_config_field_is_named():
   with pytest.raises(ValueError, match=r"required field 'n_embd'"):
-    convert.hf_config_to_model({"model_type": "gpt2", "vocab_size": 256})
+    hf_config_to_model({"model_type": "gpt2", "vocab_size": 256})
 
 
 def test_export_of_an_architecture_hf_lacks_is_refused():
@@ -136,13 +137,13 @@ def test_export_of_an_architecture_hf_lacks_is_refused():
     match=r"no Hugging Face architecture matches "
     r"norm='layernorm', position='rope'.*GPT2LMHeadModel",
   ):
-    convert.model_to_hf_config(cfg)
+    model_to_hf_config(cfg)
   with pytest.raises(
     ValueError,
     match=r"GPT2LMHeadModel has no grouped-query attention: "
     r"n_kv_heads=2",
   ):
-    convert.model_to_hf_config(preset("tiny_gpt2", n_kv_heads=2))
+    model_to_hf_config(preset("tiny_gpt2", n_kv_heads=2))
 
 
 def test_export_names_the_bad_param():

@@ -1,5 +1,5 @@
-"""Each stage (module-scoped: a module's tests of one stage share its data and runs), and
-its data."""
+"""Each stage (module-scoped: a module's tests of one stage share its data and runs), its
+data, and the process runs are forked from."""
 
 import pytest
 
@@ -14,3 +14,10 @@ def stage(request):
 @pytest.fixture(scope="module")
 def prepared(stage, tmp_path_factory):
   return runs.prepare(stage, tmp_path_factory.mktemp(f"prepared_{stage}"))
+
+
+@pytest.fixture(scope="module")
+def zygote():
+  z = runs.Zygote()
+  yield z
+  z.close()

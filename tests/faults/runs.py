@@ -108,12 +108,24 @@ class Zygote:
   def start(self, stage, prepared, workdir) -> "Run":
     self.count += 1
     log = os.path.join(os.path.dirname(os.path.abspath(workdir)), f"run{self.count}.log")
-    request = {"prepared": prepared, "steps": STEPS[stage], "workdir": str(workdir), "log": log}
+    return self._fork(
+      {"prepared": prepared, "steps": STEPS[stage], "workdir": str(workdir), "log": log}
+    )
+
+  def command(self, module: str, argv: list, log: str, env=None, fsize: int = 0) -> "Run":
+    """`python -m module argv...` in a forked process, with `env` added to its environment and
+    files limited to `fsize` bytes (0: no limit); stdout to `log`, stderr to log + ".err"."""
+    argv = [str(a) for a in argv]
+    return self._fork(
+      {"module": module, "argv": argv, "log": log, "env": env or {}, "fsize": fsize}
+    )
+
+  def _fork(self, request) -> "Run":
     self.proc.stdin.write(json.dumps(request) + "\n")
     self.proc.stdin.flush()
     line = self.proc.stdout.readline()
-    assert line.strip().isdigit(), f"the zygote did not start the run: {line!r}"
-    return Run(int(line), log)
+    assert line.strip().isdigit(), f"the zygote did not start it: {line!r}"
+    return Run(int(line), request["log"])
 
   def close(self):
     self.proc.stdin.close()

@@ -21,13 +21,6 @@ SIGNAL_SECONDS = 20.0
 
 
 @pytest.fixture(scope="module")
-def zygote():
-  z = runs.Zygote()
-  yield z
-  z.close()
-
-
-@pytest.fixture(scope="module")
 def reference(zygote, stage, prepared, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
   runs.finish(zygote.start(stage, prepared, workdir))

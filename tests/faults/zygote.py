@@ -1,12 +1,16 @@
 """Runs for the fault tests, each in a process of its own, without paying the imports each
 time: this process imports the training code (JAX's backend not yet started, so forking is
 safe) and forks one child per run. A child is a whole process: kill -9 and signals reach it
-alone. Lines on stdin, JSON: {"prepared": ..., "steps": n, "workdir": dir, "log": file}; the
-reply on stdout is the child's pid. When a child ends, its exit code is written to log + ".rc"
+alone. Lines on stdin, JSON: {"prepared": ..., "steps": n, "workdir": dir, "log": file} for a
+run of the loop, or {"module": m, "argv": [...], "log": file, "env": {...}, "fsize": bytes} for a
+command line (`python -m m argv...`, its stderr to log + ".err"); the reply on stdout is the
+child's pid. When a child ends, its exit code is written to log + ".rc"
 (negative: killed by that signal)."""
 
 import json
 import os
+import resource
+import runpy
 import signal
 import sys
 import traceback
@@ -42,16 +46,38 @@ def child(request) -> int:
   signal.signal(signal.SIGCHLD, signal.SIG_DFL)
   fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
   os.dup2(fd, 1)
-  os.dup2(fd, 2)
+  if "module" in request:
+    os.dup2(os.open(request["log"] + ".err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+  else:
+    os.dup2(fd, 2)
   try:
-    loop.train(runs.run_config(request["prepared"], request["steps"]), request["workdir"])
+    if "module" in request:
+      command(request)
+    else:
+      loop.train(runs.run_config(request["prepared"], request["steps"]), request["workdir"])
     return 0
+  except SystemExit as e:  # as the interpreter ends on it
+    if e.code is None or isinstance(e.code, int):
+      return e.code or 0
+    print(e.code, file=sys.stderr)
+    return 1
   except BaseException:
     traceback.print_exc()
     return 1
   finally:
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def command(request) -> None:
+  """`python -m module argv...` in this process, as the interpreter would run it."""
+  if request.get("fsize"):  # a disk that fills up: writes past this size fail with EFBIG
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"],) * 2)
+  os.environ.update(request["env"])
+  sys.argv = [request["module"], *request["argv"]]
+  sys.modules.pop(request["module"], None)  # as `python -m`: __main__ is the module's only run
+  runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
 
 
 def main():

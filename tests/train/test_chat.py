@@ -173,13 +173,3 @@ def test_cli_one_shot_prompt(workdir):
   )
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout == greedy_replies(workdir, ["hello there"], system="be brief")[0] + "\n"
-
-
-def test_cli_without_a_checkpoint_says_so_in_one_line(tmp_path):
-  (tmp_path / "checkpoints").mkdir()
-  for workdir in (tmp_path, tmp_path / "missing"):
-    out = chat_cli(f"--workdir={workdir}", "--prompt=hi")
-    assert out.returncode == 1
-    errors = [line for line in out.stderr.splitlines() if line.startswith("chat: ")]
-    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
-    assert "checkpoint" in errors[0]
