@@ -161,18 +161,26 @@ def _write_meta(directory, meta: dict) -> None:
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-  """Loads a tokenizer saved by `.save(directory)`, whichever kind it is."""
+  """Loads a tokenizer saved by `.save(directory)`, whichever kind it is; a missing or damaged
+  file is a DataError naming it."""
   path = os.path.join(directory, _META_FILE)
   if not os.path.exists(path):
     raise DataError(f"no tokenizer in {directory!s}: {_META_FILE} is missing")
-  with open(path, encoding="utf-8") as f:
-    meta = json.load(f)
-  if meta.get("kind") == SentencePieceTokenizer.kind:
-    with open(os.path.join(directory, meta["model_file"]), "rb") as f:
-      return SentencePieceTokenizer(f.read())
-  if meta.get("kind") == CharTokenizer.kind:
-    return CharTokenizer(meta["chars"])
-  raise DataError(f"{path}: unknown tokenizer kind {meta.get('kind')!r}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except ValueError as e:  # not JSON, or not UTF-8
+    raise DataError(
+      f"{path}: not a tokenizer description ({e}); save the tokenizer again"
+    ) from None
+  if isinstance(meta, dict) and meta.get("kind") == SentencePieceTokenizer.kind:
+    model = os.path.join(directory, str(meta.get("model_file")))
+    try:
+      with open(model, "rb") as f:
+        return _sentencepiece(f.read(), model)
+    except OSError as e:
+      raise DataError(f"{path}: its model_file cannot be read ({e})") from None
+  return tokenizer_from_json(meta, where=path)
 
 
 def tokenizer_to_json(tok: Tokenizer) -> dict:
@@ -187,11 +195,27 @@ def tokenizer_to_json(tok: Tokenizer) -> dict:
 
 def tokenizer_from_json(data: dict, where: str = "tokenizer data") -> Tokenizer:
   """Inverse of tokenizer_to_json; `where` names the source in errors."""
+  if not isinstance(data, dict):
+    raise DataError(f"{where}: expected a JSON object, got {type(data).__name__}")
   if data.get("kind") == SentencePieceTokenizer.kind:
-    return SentencePieceTokenizer(base64.b64decode(data["model_proto_base64"]))
+    try:
+      proto = base64.b64decode(data["model_proto_base64"], validate=True)
+    except (KeyError, TypeError, ValueError) as e:
+      raise DataError(f"{where}: no readable model_proto_base64 ({e!r})") from None
+    return _sentencepiece(proto, where)
   if data.get("kind") == CharTokenizer.kind:
-    return CharTokenizer(data["chars"])
+    chars = data.get("chars")
+    if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+      raise DataError(f"{where}: field 'chars' must be a list of single characters")
+    return CharTokenizer(chars)
   raise DataError(f"{where}: unknown tokenizer kind {data.get('kind')!r}")
+
+
+def _sentencepiece(model_proto: bytes, where: str) -> SentencePieceTokenizer:
+  try:
+    return SentencePieceTokenizer(model_proto)
+  except RuntimeError as e:  # sentencepiece's parser: "Internal: ... ParseFromArray"
+    raise DataError(f"{where}: not a sentencepiece model ({e})") from None
 
 
 def _lines(texts_or_files: Iterable[str] | str, max_line_bytes: int) -> Iterator[str]:

@@ -1,6 +1,8 @@
 """prepare: shards hold exactly [bos] + tokens + [eos] per document, in order, with boundaries."""
 
 import json
+import resource
+import signal
 
 import numpy as np
 import pytest
@@ -37,6 +39,20 @@ def test_bos_eos_are_configurable(tmp_path):
   tok = CharTokenizer.from_text("abc")
   prep.prepare(["ab", "c"], tok, tmp_path, add_bos=False, add_eos=True, progress=False)
   assert prep.TokenShards(tmp_path).read(0, 100).tolist() == [0, 1, tok.eos_id, 2, tok.eos_id]
+
+
+def test_a_full_disk_names_the_shard(tmp_path):
+  """Files may not grow past 4 kB (RLIMIT_FSIZE, as a full disk refuses writes): the error
+  names the shard being written (numpy's own says only "N requested and M written")."""
+  tok = CharTokenizer.from_text("ab")
+  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a killed process
+  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+  try:
+    with pytest.raises(OSError, match=r"writing .*tokens-00000.bin failed: .*is the disk full"):
+      prep.prepare(["ab" * 10_000], tok, tmp_path, progress=False)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    signal.signal(signal.SIGXFSZ, previous)
 
 
 def test_token_dtype_widens_past_uint16():

@@ -129,6 +129,30 @@ def test_load_tokenizer_from_a_directory_without_one(tmp_path):
     load_tokenizer(tmp_path)
 
 
+def test_damaged_tokenizer_files_are_named(tmp_path):
+  """Each way a saved tokenizer can be damaged names the file (was: a bare JSONDecodeError,
+  KeyError, or sentencepiece's RuntimeError from its protobuf parser)."""
+  train_sentencepiece([" ".join(f"w{i}" for i in range(300))] * 5, vocab_size=276).save(
+    tmp_path / "sp"
+  )
+  meta, model = tmp_path / "sp" / "tokenizer.json", tmp_path / "sp" / "sentencepiece.model"
+  assert load_tokenizer(tmp_path / "sp").vocab_size == 276
+  model.write_bytes(model.read_bytes()[:50])  # truncated
+  with pytest.raises(DataError, match=r"sentencepiece.model: not a sentencepiece model"):
+    load_tokenizer(tmp_path / "sp")
+  model.unlink()
+  with pytest.raises(DataError, match=r"tokenizer.json: its model_file cannot be read"):
+    load_tokenizer(tmp_path / "sp")
+  meta.write_text('{"kind": "sentencepiece", ')
+  with pytest.raises(DataError, match=r"tokenizer.json: not a tokenizer description"):
+    load_tokenizer(tmp_path / "sp")
+  meta.write_text('{"kind": "char", "chars": "abc"}')
+  with pytest.raises(DataError, match=r"tokenizer.json: field 'chars' must be a list"):
+    load_tokenizer(tmp_path / "sp")
+  with pytest.raises(DataError, match=r"ckpt/4/tokenizer: no readable model_proto_base64"):
+    tokenizer_from_json({"kind": "sentencepiece"}, where="ckpt/4/tokenizer")
+
+
 def test_too_small_sentencepiece_vocab_names_the_setting():
   text = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 400))  # 400 distinct characters
   with pytest.raises(DataError, match=r"vocab_size=64.*Vocabulary size is smaller"):
