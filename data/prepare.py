@@ -263,10 +263,13 @@ def main(argv: list[str] | None = None) -> None:
   args = p.parse_args(argv)
   try:
     _prepare(args)
-  except (ValueError, OSError) as e:  # DataError included: each names the file, line or flag
-    if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+  except (ValueError, OSError, KeyboardInterrupt) as e:  # DataError: names the file and line
+    env = os.environ.get(DEBUG_ENV, "").lower()
+    if args.debug or env not in ("", "0", "false", "no"):
       raise
-    p.exit(1, f"{p.prog}: error: {e}\n")
+    if isinstance(e, KeyboardInterrupt):
+      p.exit(130)
+    p.exit(1, f"{p.prog}: error: {' '.join(str(e).split())}\n")
 
 
 def _prepare(args) -> None:

@@ -237,18 +237,26 @@ def main(argv=None):
   exp = sub.add_parser("export", help="our checkpoint folder -> HF safetensors folder")
   exp.add_argument("--ckpt", required=True, help=f"folder with {MANIFEST} and {PARAMS_FILE}")
   exp.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+  for p in (parser, imp, exp):  # before or after the command; a subparser's default would
+    # overwrite the main parser's value, so each keeps its own
+    p.add_argument(
+      "--debug",
+      action="store_true",
+      dest="debug_main" if p is parser else "debug",
+      help=f"show an error's traceback (or set {DEBUG_ENV}=1)",
+    )
   for p in (imp, exp):
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument(
-      "--debug", action="store_true", help=f"show an error's traceback (or set {DEBUG_ENV}=1)"
-    )
   args = parser.parse_args(argv)
   try:
     _convert(args)
-  except (ValueError, OSError) as e:  # ConversionError included: it names the tensor or field
-    if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+  except (ValueError, OSError, KeyboardInterrupt) as e:  # ConversionError: names the tensor
+    env = os.environ.get(DEBUG_ENV, "").lower()
+    if args.debug or args.debug_main or env not in ("", "0", "false", "no"):
       raise
-    parser.exit(1, f"{parser.prog} {args.command}: error: {e}\n")
+    if isinstance(e, KeyboardInterrupt):
+      parser.exit(130)
+    parser.exit(1, f"{parser.prog} {args.command}: error: {' '.join(str(e).split())}\n")
 
 
 def _convert(args) -> None:

@@ -153,7 +153,7 @@ class OnlineStage(stagelib.Stage):
     if rewards.is_function(rl.reward):
       self.reward_fn = rewards.load_function(rl.reward)
     else:
-      self.rm_source = rm_source = weights.resolve(rl.reward, state="reward")
+      self.rm_source = rm_source = weights.resolve(rl.reward, state="reward", field="rlhf.reward")
       if tokenizer_to_json(rm_source.tokenizer) != tokenizer_to_json(tok):
         raise ValueError(
           f"the reward model {rm_source.describe()} reads another tokenizer than the policy: "

@@ -94,7 +94,9 @@ class PPO(OnlineStage):
       }
     else:
       critic_source = (
-        weights.resolve(rl.critic_from) if rl.critic_from else (self.rm_source or self.source)
+        weights.resolve(rl.critic_from, field="rlhf.critic_from")
+        if rl.critic_from
+        else (self.rm_source or self.source)
       )
       critic_cfg = (
         self.model_cfg

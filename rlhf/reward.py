@@ -257,7 +257,7 @@ class RewardModel(stagelib.BatchStage):
     nc = self.norm_cfg
     if not nc.norm_policy:
       return
-    policy = weights.resolve(nc.norm_policy)
+    policy = weights.resolve(nc.norm_policy, field="rlhf.norm_policy")
     if policy.kind not in weights.LM_KINDS or policy.tokenizer is None:
       raise ValueError(
         f"rlhf.norm_policy={nc.norm_policy!r}: {policy.describe()} is no language model with "

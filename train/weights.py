@@ -79,11 +79,12 @@ def models_item(models: dict[str, tuple[str, ModelConfig]]) -> dict:
   }
 
 
-def resolve(path: str, step: int = 0, state: str = "") -> Source:
+def resolve(path: str, step: int = 0, state: str = "", field: str = "train.init_from") -> Source:
   """The weights at `path`: one of our workdirs (its latest step, or `step`) or a Hugging Face
-  folder (config.json and safetensors)."""
+  folder (config.json and safetensors). `field` names the setting that gave `path`, in
+  errors."""
   if not path:
-    raise ValueError("no weights given: set train.init_from to a workdir or Hugging Face folder")
+    raise ValueError(f"no weights given: set {field} to a workdir or Hugging Face folder")
   if os.path.isdir(os.path.join(path, "checkpoints")):
     return _resolve_workdir(path, step, state)
   if os.path.isfile(os.path.join(path, "config.json")):
@@ -92,7 +93,7 @@ def resolve(path: str, step: int = 0, state: str = "") -> Source:
     config = hf_files.read_config(path)
     return Source("hf", path, None, "", "lm", hf_config.hf_config_to_model(config), config)
   raise FileNotFoundError(
-    f"{path!r} is neither one of our workdirs (no checkpoints/ in it) nor a Hugging "
+    f"{field}={path!r} is neither one of our workdirs (no checkpoints/ in it) nor a Hugging "
     f"Face folder (no config.json in it)"
   )
 
@@ -282,7 +283,7 @@ def load_for_inference(
   by the layout `rules` (train.partitioning's) so that no device holds the whole model."""
   from train import partitioning
 
-  source = resolve(workdir, step or 0, state)
+  source = resolve(workdir, step or 0, state, field="workdir")
   kind = "lm" if source.kind == "lm_value" else source.kind  # the policy without its critic
   abstract = abstract_params(kind, source.model_cfg)
   if mesh is None:

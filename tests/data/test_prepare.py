@@ -1,8 +1,6 @@
 """prepare: shards hold exactly [bos] + tokens + [eos] per document, in order, with boundaries."""
 
 import json
-import resource
-import signal
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import pytest
 from data import prepare as prep
 from data.sources import DataError
 from data.tokenizer import CharTokenizer
+from tests.full_disk import full_disk
 
 DOCS = ["to be or not", "", "that is the question", "a", "whether tis nobler in the mind to suffer"]
 
@@ -42,17 +41,12 @@ def test_bos_eos_are_configurable(tmp_path):
 
 
 def test_a_full_disk_names_the_shard(tmp_path):
-  """Files may not grow past 4 kB (RLIMIT_FSIZE, as a full disk refuses writes): the error
+  """Files may not grow past 64 kB (RLIMIT_FSIZE, as a full disk refuses writes): the error
   names the shard being written (numpy's own says only "N requested and M written")."""
   tok = CharTokenizer.from_text("ab")
-  previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a killed process
-  resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
-  try:
+  with full_disk(64_000):
     with pytest.raises(OSError, match=r"writing .*tokens-00000.bin failed: .*is the disk full"):
-      prep.prepare(["ab" * 10_000], tok, tmp_path, progress=False)
-  finally:
-    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
-    signal.signal(signal.SIGXFSZ, previous)
+      prep.prepare(["ab" * 100_000], tok, tmp_path, progress=False)
 
 
 def test_token_dtype_widens_past_uint16():

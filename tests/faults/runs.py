@@ -121,6 +121,9 @@ class Zygote:
     )
 
   def _fork(self, request) -> "Run":
+    for stale in (request["log"] + ".rc", request["log"] + ".err"):  # of an earlier run
+      if os.path.exists(stale):
+        os.remove(stale)
     self.proc.stdin.write(json.dumps(request) + "\n")
     self.proc.stdin.flush()
     line = self.proc.stdout.readline()

@@ -3,14 +3,13 @@ pretraining and every post-training stage, in-process (train.loop.train)."""
 
 import glob
 import os
-import resource
 import shutil
-import signal
 
 import numpy as np
 import pytest
 
 from tests.faults import runs
+from tests.full_disk import full_disk
 from train import checkpoint as ckpt
 from train import loop
 
@@ -113,15 +112,10 @@ def test_a_full_disk_during_a_save_names_it_and_leaves_earlier_checkpoints(
     if step != 4:
       return save(self, step, states, items)
     self.wait()  # step 2 is written
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a killed process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
-    try:
+    with full_disk(4096):
       saved = save(self, step, states, items)
       self.wait()  # the background write meets the limit
       return saved
-    finally:
-      resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
-      signal.signal(signal.SIGXFSZ, previous)
 
   monkeypatch.setattr(ckpt.Checkpointer, "save", fill_the_disk_at_4)
   workdir = str(tmp_path / "run")
