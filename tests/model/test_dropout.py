@@ -105,12 +105,14 @@ def test_blocked_attention_with_dropout_matches_unblocked(prng):
   key = jax.random.key(6)
   real = (seg > 0)[:, :, None, None]  # padding queries see no key: their output is unused
 
-  def f(blocks):
-    return jax.value_and_grad(
-      lambda q, k, v: jnp.sum(
-        real * jnp.sin(attend(q, k, v, mask, "xla", 0.3, key, prng, query_blocks=blocks))
-      ),
-      argnums=(0, 1, 2),
+  def f(blocks):  # jitted: op by op, the hash masks' many small ops each compile alone
+    return jax.jit(
+      jax.value_and_grad(
+        lambda q, k, v: jnp.sum(
+          real * jnp.sin(attend(q, k, v, mask, "xla", 0.3, key, prng, query_blocks=blocks))
+        ),
+        argnums=(0, 1, 2),
+      )
     )(q, k, v)
 
   (base, g_base), (blocked, g_blocked) = f(1), f(4)

@@ -27,11 +27,11 @@ def test_causality_gradient_is_exactly_zero(name):
   toks = jnp.arange(1, l + 1, dtype=jnp.int32)[None]  # distinct: one table row per position
   graphdef, params = nnx.split(model)
 
-  def logit_at(p, t):
-    return nnx.merge(graphdef, p)(toks)[0, t].sum()
+  # Compiled once (t traced): op by op, every position's backward pass compiles each op.
+  grad_at = jax.jit(jax.grad(lambda p, t: nnx.merge(graphdef, p)(toks)[0, t].sum()))
 
   for t in range(l - 1):
-    grads = jax.grad(logit_at)(params, t)
+    grads = grad_at(params, t)
     table_grad = np.asarray(grads["embed"]["table_VxD"][...])
     future_rows = table_grad[np.asarray(toks[0, t + 1 :])]
     assert np.all(future_rows == 0.0), f"position {t} depends on a later token"
@@ -42,7 +42,7 @@ def test_causality_gradient_is_exactly_zero(name):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_packed_segments_are_independent(name):
-  model = build(name)
+  model = jitted(build(name), lambda m, *args: m(*args))
   a, bdoc = tokens(1, 5, seed=1), tokens(1, 7, seed=2)
   packed = jnp.concatenate([a, bdoc], axis=1)
   seg = jnp.array([[1] * 5 + [2] * 7])
@@ -57,7 +57,7 @@ def test_packed_segments_are_independent(name):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_left_padding_does_not_change_real_logits(name):
-  model = build(name)
+  model = jitted(build(name), lambda m, *args: m(*args))
   real = tokens(1, 6, seed=3)
   padded = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), real], axis=1)
   mask = jnp.array([[0] * 4 + [1] * 6])
@@ -72,17 +72,18 @@ def test_kv_cache_decode_matches_full_forward(name, scan, bucket):
   full forward pass's at that position. bucket 2 reads prefixes 6, 8 and 12 of the 12-slot
   cache (a switch between them); 0 reads all 12."""
   model = build(name, scan_layers=scan, kv_bucket=bucket)
+  forward, decode = jitted(model, lambda m, *a: m(*a)), jitted(model, lambda m, *a: m.decode(*a))
   b, p, n = 2, 5, 7
   seq = tokens(b, p + n, seed=4)
   mask = jnp.ones((b, p + n), jnp.int32).at[0, :2].set(0)  # row 0 starts with 2 pad slots
   pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  full = model(seq, pos, mask)
+  full = forward(seq, pos, mask)
   cache = model.init_cache(b, p + n)
-  logits, cache = model.decode(seq[:, :p], pos[:, :p], mask[:, :p], cache)
+  logits, cache = decode(seq[:, :p], pos[:, :p], mask[:, :p], cache)
   np.testing.assert_allclose(logits[0, 2:], full[0, 2:p], atol=1e-4)
   np.testing.assert_allclose(logits[1], full[1, :p], atol=1e-4)
   for i in range(p, p + n):
-    step, cache = model.decode(seq[:, i : i + 1], pos[:, i : i + 1], mask[:, i : i + 1], cache)
+    step, cache = decode(seq[:, i : i + 1], pos[:, i : i + 1], mask[:, i : i + 1], cache)
     np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-4, err_msg=f"step {i}")
   assert int(cache.index) == p + n
 
@@ -110,17 +111,18 @@ def test_decode_reads_only_the_prefix_it_needs(bucket, finite):
   of exactly the 4, 6 and 6 slots it needs and matches the full forward pass; reading one slot
   more, or every slot (bucket 0), lets the NaNs through (0 x NaN)."""
   model = build("tiny", kv_bucket=bucket)
+  decode = jitted(model, lambda m, *a: m.decode(*a))
   b, p, n = 2, 4, 2
   seq = tokens(b, p + n, seed=7)
-  full = model(seq)
+  full = jitted(model, lambda m, *a: m(*a))(seq)
   cache = model.init_cache(b, 16)
   cache = cache._replace(v_NxBxGxTxK=cache.v_NxBxGxTxK.at[:, :, :, p + n :].set(jnp.nan))
   pos = jnp.broadcast_to(jnp.arange(p + n), (b, p + n))
   ones = jnp.ones((b, p + n), jnp.int32)
-  logits, cache = model.decode(seq[:, :p], pos[:, :p], ones[:, :p], cache)
+  logits, cache = decode(seq[:, :p], pos[:, :p], ones[:, :p], cache)
   steps = [logits]
   for i in range(p, p + n):
-    step, cache = model.decode(seq[:, i : i + 1], pos[:, i : i + 1], ones[:, i : i + 1], cache)
+    step, cache = decode(seq[:, i : i + 1], pos[:, i : i + 1], ones[:, i : i + 1], cache)
     steps.append(step)
   got = jnp.concatenate(steps, axis=1)
   if finite:
@@ -157,8 +159,8 @@ def test_scan_and_remat_match_unrolled(name, remat, rate, prng):
   def loss(g, p):
     return jnp.mean(jnp.square(nnx.merge(g, p)(toks, dropout_rng=rng)))
 
-  l_ref, grads_ref = jax.value_and_grad(lambda p: loss(g_ref, p))(p_ref)
-  l_var, grads_var = jax.value_and_grad(lambda p: loss(g_var, p))(p_var)
+  l_ref, grads_ref = jax.jit(jax.value_and_grad(lambda p: loss(g_ref, p)))(p_ref)
+  l_var, grads_var = jax.jit(jax.value_and_grad(lambda p: loss(g_var, p)))(p_var)
   np.testing.assert_allclose(l_var, l_ref, rtol=1e-6)
   want = _stack_unrolled(grads_ref)
   got = nnx.to_pure_dict(grads_var)
@@ -177,8 +179,10 @@ def test_attention_query_blocks_train_like_one_block(name):
 
   def loss(m):
     g, p = nnx.split(m)
-    return jax.value_and_grad(
-      lambda p: jnp.mean(jnp.square(nnx.merge(g, p)(toks, dropout_rng=jax.random.key(3))))
+    return jax.jit(
+      jax.value_and_grad(
+        lambda p: jnp.mean(jnp.square(nnx.merge(g, p)(toks, dropout_rng=jax.random.key(3))))
+      )
     )(p)
 
   (l1, g1), (l4, g4) = loss(one), loss(four)
@@ -197,7 +201,9 @@ def test_attention_query_blocks_train_like_one_block(name):
 def test_unrolled_remat_matches_plain():
   plain, rematted = build("tiny"), build("tiny", remat="full")
   toks = tokens(2, 8, seed=6)
-  f = lambda m: jax.grad(lambda p: jnp.sum(nnx.merge(nnx.graphdef(m), p)(toks) ** 2))(nnx.state(m))
+  f = lambda m: jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(nnx.graphdef(m), p)(toks) ** 2)))(
+    nnx.state(m)
+  )
   assert_trees_close(nnx.to_pure_dict(f(rematted)), nnx.to_pure_dict(f(plain)))
 
 

@@ -283,31 +283,37 @@ def test_reward_functions_that_misbehave_are_named(tmp_path):
     rewards.load_function("tests.rlhf.test_ppo:nope")
 
 
+def ppo_iteration(root, layout_name, devices):
+  """One PPO iteration under a layout: (rollout, scored batch, states), on the host."""
+  (root / layout_name).mkdir()
+  c = ppo_config(root / layout_name, "tests.rlhf.test_ppo:letters_reward", response_len=4)
+  # kv heads, the MLP and the vocabulary (15 ids, padded to 16) split over tensor 2.
+  c.model.n_kv_heads, c.model.d_ff, c.model.vocab_size = 2, 128, 16
+  c.mesh.layout, c.mesh.devices = layout_name, devices
+  # As in tests/train/test_layouts.py: Adam's eps 1e-3 keeps each update a smooth function of
+  # its gradient, so a 1e-7-relative difference in reduction order stays that small.
+  c.opt.eps = 1e-3
+  stage = build_stage(c, str(root / layout_name / "run"))
+  run_iteration(stage)
+  out, full = stage.last
+  return out, jax.device_get(full), jax.device_get(stage.states)
+
+
+@pytest.fixture(scope="module")
+def ppo_on_one_device(tmp_path_factory):
+  return ppo_iteration(tmp_path_factory.mktemp("ppo_one_device"), "dp", 1)
+
+
 @pytest.mark.parametrize("layout", ["fsdp", "dp_fsdp_tp"])
-def test_a_ppo_iteration_on_a_layout_equals_one_device(tmp_path, layout):
+def test_a_ppo_iteration_on_a_layout_equals_one_device(tmp_path, layout, ppo_on_one_device):
   """One iteration (rollout at T = 1, scoring, 4 epochs x 4 minibatches of policy and critic
   updates) on 8 devices under `layout` against the same on one device: the rollout tokens, the
   old logprobs, the advantages and the updated parameters of both models (rtol 1e-5 of each
   tensor's scale)."""
   from tests.conftest import assert_trees_close
 
-  def one(layout_name, devices):
-    c = ppo_config(tmp_path / layout_name, "tests.rlhf.test_ppo:letters_reward", response_len=4)
-    # kv heads, the MLP and the vocabulary (15 ids, padded to 16) split over tensor 2.
-    c.model.n_kv_heads, c.model.d_ff, c.model.vocab_size = 2, 128, 16
-    c.mesh.layout, c.mesh.devices = layout_name, devices
-    # As in tests/train/test_layouts.py: Adam's eps 1e-3 keeps each update a smooth function of
-    # its gradient, so a 1e-7-relative difference in reduction order stays that small.
-    c.opt.eps = 1e-3
-    stage = build_stage(c, str(tmp_path / layout_name / "run"))
-    run_iteration(stage)
-    out, full = stage.last
-    return out, jax.device_get(full), jax.device_get(stage.states)
-
-  (tmp_path / "dp").mkdir()
-  (tmp_path / layout).mkdir()
-  out1, full1, states1 = one("dp", 1)
-  out8, full8, states8 = one(layout, 8)
+  out1, full1, states1 = ppo_on_one_device
+  out8, full8, states8 = ppo_iteration(tmp_path, layout, 8)
   np.testing.assert_array_equal(out8.tokens_BxL, out1.tokens_BxL)
   np.testing.assert_array_equal(out8.response_mask_BxN, out1.response_mask_BxN)
   for key in ("old_logprobs", "advantages", "returns"):
