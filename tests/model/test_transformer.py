@@ -139,11 +139,24 @@ def _stack_unrolled(params_unrolled):
   return pure
 
 
+# Every pair of (model, remat, dropout) settings once: 12 of the 24 combinations.
 @pytest.mark.parametrize(
-  "rate,prng", [(0.0, "threefry"), (0.2, "threefry"), (0.2, "rbg"), (0.2, "hash")]
+  "name,remat,rate,prng",
+  [
+    ("tiny", "none", 0.0, "threefry"),
+    ("tiny", "full", 0.2, "threefry"),
+    ("tiny", "dots", 0.2, "rbg"),
+    ("tiny", "none", 0.2, "hash"),
+    ("tiny", "full", 0.2, "rbg"),
+    ("tiny", "dots", 0.0, "threefry"),
+    ("tiny_gpt2", "none", 0.2, "rbg"),
+    ("tiny_gpt2", "full", 0.0, "threefry"),
+    ("tiny_gpt2", "dots", 0.2, "hash"),
+    ("tiny_gpt2", "full", 0.2, "hash"),
+    ("tiny_gpt2", "none", 0.2, "threefry"),
+    ("tiny_gpt2", "dots", 0.2, "threefry"),
+  ],
 )
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
-@pytest.mark.parametrize("name", PRESETS)
 def test_scan_and_remat_match_unrolled(name, remat, rate, prng):
   """With dropout too: each layer draws the same masks scanned or not, and the recomputation
   in the backward pass draws the forward pass's masks again."""
