@@ -24,9 +24,20 @@ TOKENIZER_DIR = "tokenizer"
 DEBUG_ENV = "FROMSCRATCH_DEBUG"  # set, an error shows its traceback (as in train/cli.py)
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, not argparse's usage block (--help shows that)
+class OneLineParser(argparse.ArgumentParser):
+  """argparse for the data tools: errors in one line, not the usage block (--help shows it)."""
+
+  def error(self, message):
     self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+  def fail(self, e: BaseException, debug: bool) -> None:
+    """Ends on a user error (a DataError names its file and line): one line and status 1, or
+    130 for Ctrl-C; re-raises under --debug or FROMSCRATCH_DEBUG."""
+    if debug or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no"):
+      raise e
+    if isinstance(e, KeyboardInterrupt):
+      self.exit(130)
+    self.exit(1, f"{self.prog}: error: {' '.join(str(e).split())}\n")
 
 
 def _shard_name(k: int) -> str:
@@ -226,7 +237,7 @@ def _documents(source: str, split: str, text_field: str) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-  p = _Parser(prog="python -m data.prepare", description=__doc__)
+  p = OneLineParser(prog="python -m data.prepare", description=__doc__)
   p.add_argument(
     "--source",
     default="builtin",
@@ -264,12 +275,7 @@ def main(argv: list[str] | None = None) -> None:
   try:
     _prepare(args)
   except (ValueError, OSError, KeyboardInterrupt) as e:  # DataError: names the file and line
-    env = os.environ.get(DEBUG_ENV, "").lower()
-    if args.debug or env not in ("", "0", "false", "no"):
-      raise
-    if isinstance(e, KeyboardInterrupt):
-      p.exit(130)
-    p.exit(1, f"{p.prog}: error: {' '.join(str(e).split())}\n")
+    p.fail(e, args.debug)
 
 
 def _prepare(args) -> None:
