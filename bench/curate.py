@@ -19,11 +19,12 @@ from data import curate, sources
 
 
 def build(path: str, megabytes: float, seed: int = 0) -> dict:
-  """JSONL of the plays, then copies of them until `megabytes`: a third exact, the rest with 1%
-  to 30% of their words replaced by other words of the corpus."""
+  """JSONL of the plays, then copies of them until `megabytes`: a third exact, the rest with 0.2%
+  to 5% of their words replaced by other words of the corpus (5-shingle similarity about 0.98
+  down to 0.6)."""
   rng = np.random.default_rng(seed)
   plays = [text for _, text in sources.shakespeare_plays("all")]
-  vocab = sorted({w for text in plays[:4] for w in text.split()})
+  vocab = np.array(sorted({w for text in plays[:4] for w in text.split()}))
   size, counts = 0, {"original": 0, "exact": 0, "near": 0}
   with open(path, "w") as f:
     k = 0
@@ -32,9 +33,9 @@ def build(path: str, megabytes: float, seed: int = 0) -> dict:
       kind = "original" if k < len(plays) else ("exact" if k % 3 == 0 else "near")
       if kind == "near":
         words = text.split(" ")
-        n = int(len(words) * rng.uniform(0.01, 0.3))
-        for i in rng.choice(len(words), n, replace=False):
-          words[i] = str(rng.choice(vocab))
+        n = int(len(words) * rng.uniform(0.002, 0.05))
+        for i, w in zip(rng.choice(len(words), n, replace=False), rng.choice(vocab, n)):
+          words[i] = str(w)
         text = " ".join(words)
       line = json.dumps({"text": text}) + "\n"
       f.write(line)
