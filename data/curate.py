@@ -112,7 +112,7 @@ def curate(
       if stop_after is not None and i >= stop_after:
         return {}
       outcome = _judge(state, cfg, contamination, doc_id, text)
-      _count(state, outcome, text)
+      count(state.counts, outcome, text)
       if outcome == "kept":
         part.write(json.dumps({"text": text, "id": doc_id}) + "\n")
       state.docs = i + 1
@@ -126,7 +126,7 @@ def curate(
     part.close()
     bar.close()
   state.part += 1
-  report = _report(state, cfg)
+  report = report_of(state.counts, state.clusters, state.contaminated, state.config)
   with open(os.path.join(out_dir, REPORT), "w") as f:
     json.dump(report, f, indent=1)
   if os.path.exists(os.path.join(out_dir, STATE)):
@@ -136,6 +136,30 @@ def curate(
 
 def _judge(state: _State, cfg: CurateConfig, contamination, doc_id: str, text: str) -> str:
   """What happens to one document: 'kept', or the rule that removes it."""
+  outcome = rules(cfg, contamination, doc_id, text, state.contaminated)
+  if outcome:
+    return outcome
+  key = dedup.exact_key(text)
+  if cfg.exact and key in state.exact:
+    join_cluster(state.clusters, cfg, state.exact[key], doc_id, 1.0, text)
+    return "exact_duplicate"
+  m = state.near.minhash(text) if cfg.near else None
+  if m is not None:
+    found = state.near.find(m)
+    if found:
+      join_cluster(state.clusters, cfg, found[0], doc_id, found[1], text)
+      return "near_duplicate"
+    state.near.add(doc_id, m)
+  state.exact.setdefault(key, doc_id)
+  state.clusters.setdefault(doc_id, new_cluster(text))
+  return "kept"
+
+
+def rules(
+  cfg: CurateConfig, contamination, doc_id: str, text: str, contaminated: list
+) -> str | None:
+  """The quality rule or contamination that removes a document, or None. A contaminated
+  document is appended to `contaminated` (and kept under decontaminate=report)."""
   if cfg.quality:
     rule = quality.check(text, skip=cfg.skip_rules)
     if rule:
@@ -144,7 +168,7 @@ def _judge(state: _State, cfg: CurateConfig, contamination, doc_id: str, text: s
     hit = contamination.find(text)
     if hit:
       file, lineno, line, shared = hit
-      state.contaminated.append(
+      contaminated.append(
         {
           "id": doc_id,
           "eval_file": file,
@@ -156,46 +180,40 @@ def _judge(state: _State, cfg: CurateConfig, contamination, doc_id: str, text: s
       )
       if cfg.decontaminate == "drop":
         return "contaminated"
-  key = dedup.exact_key(text)
-  if cfg.exact and key in state.exact:
-    _cluster(state, state.exact[key], doc_id, 1.0, text)
-    return "exact_duplicate"
-  m = state.near.minhash(text) if cfg.near else None
-  if m is not None:
-    found = state.near.find(m)
-    if found:
-      _cluster(state, found[0], doc_id, found[1], text)
-      return "near_duplicate"
-    state.near.add(doc_id, m)
-  state.exact.setdefault(key, doc_id)
-  state.clusters.setdefault(doc_id, {"preview": text[:PREVIEW], "size": 1, "examples": []})
-  return "kept"
+  return None
 
 
-def _cluster(state: _State, kept: str, doc_id: str, similarity: float, text: str) -> None:
-  cluster = state.clusters[kept]
+def new_cluster(text: str) -> dict:
+  return {"preview": text[:PREVIEW], "size": 1, "examples": []}
+
+
+def join_cluster(
+  clusters: dict, cfg: CurateConfig, kept: str, doc_id: str, similarity, text
+) -> None:
+  cluster = clusters[kept]
   cluster["size"] += 1
-  if len(cluster["examples"]) < state.config["examples"]:
+  if len(cluster["examples"]) < cfg.examples:
     cluster["examples"].append(
       {"id": doc_id, "similarity": round(similarity, 3), "preview": text[:PREVIEW]}
     )
 
 
-def _count(state: _State, outcome: str, text: str) -> None:
+def count(counts: dict, outcome: str, text: str) -> None:
+  """Adds a document to the 'in' row and its outcome's row: [documents, words, bytes]."""
   for key in ("in", outcome):
-    row = state.counts.setdefault(key, [0, 0, 0])
+    row = counts.setdefault(key, [0, 0, 0])
     row[0] += 1
     row[1] += len(text.split())
     row[2] += len(text.encode("utf-8"))
 
 
-def _report(state: _State, cfg: CurateConfig) -> dict:
+def report_of(counts: dict, clusters: dict, contaminated: list, config: dict) -> dict:
   fields = ("documents", "words", "bytes")
-  counts = {k: dict(zip(fields, v)) for k, v in state.counts.items()}
+  counts = {k: dict(zip(fields, v)) for k, v in counts.items()}
   zero = dict.fromkeys(fields, 0)
   removed = {k: v for k, v in counts.items() if k not in ("in", "kept")}
   clusters = sorted(
-    ({"kept": k, **v} for k, v in state.clusters.items() if v["size"] > 1),
+    ({"kept": k, **v} for k, v in clusters.items() if v["size"] > 1),
     key=lambda c: (-c["size"], c["kept"]),
   )
   return {
@@ -203,8 +221,8 @@ def _report(state: _State, cfg: CurateConfig) -> dict:
     "kept": counts.get("kept", zero),
     "removed": dict(sorted(removed.items())),
     "duplicate_clusters": clusters,
-    "contaminated": state.contaminated,
-    "config": state.config,
+    "contaminated": contaminated,
+    "config": config,
   }
 
 
@@ -266,6 +284,15 @@ def main(argv: list[str] | None = None) -> None:
     default = getattr(CurateConfig, field)
     p.add_argument(f"--{field}", type=type(default), default=default, help=f"default {default}")
   p.add_argument("--decontaminate", default="drop", help="drop | report")
+  p.add_argument(
+    "--executor",
+    default="process",
+    choices=("process", "datatrove"),
+    help="process: one process, in order; datatrove: the same rules and output as datatrove "
+    "steps on its local executor (data/curate_scale.py)",
+  )
+  p.add_argument("--tasks", type=int, default=1, help="datatrove tasks (input files split)")
+  p.add_argument("--workers", type=int, default=1, help="datatrove processes at once")
   p.add_argument("--debug", action="store_true", help=f"show an error's traceback ({DEBUG_ENV})")
   args = p.parse_args(argv)
   try:
@@ -278,9 +305,22 @@ def main(argv: list[str] | None = None) -> None:
       decontaminate=args.decontaminate,
       checkpoint_docs=args.checkpoint_docs,
     )
-    print(table(curate(args.source, args.out, cfg, args.eval, args.text_field, args.eval_field)))
+    inputs = (args.source, args.out, cfg, args.eval, args.text_field, args.eval_field)
+    if args.executor == "datatrove":
+      report = _scale().curate_at_scale(*inputs, tasks=args.tasks, workers=args.workers)
+    else:
+      report = curate(*inputs)
+    print(table(report))
   except (ValueError, OSError, KeyboardInterrupt) as e:
     p.fail(e, args.debug)
+
+
+def _scale():
+  try:
+    from data import curate_scale
+  except ImportError as e:
+    raise DataError(f"--executor=datatrove needs datatrove ({e}): pip install -e '.[scale]'") from e
+  return curate_scale
 
 
 if __name__ == "__main__":

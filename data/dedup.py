@@ -12,7 +12,7 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from data import sources
 
-_WORDS = re.compile(r"\w+")
+WORDS = re.compile(r"\w+")
 
 
 def normalize(text: str) -> str:
@@ -26,11 +26,21 @@ def exact_key(text: str) -> bytes:
 
 def words(text: str) -> list[str]:
   """Lower-cased words without punctuation: what n-grams and shingles are made of."""
-  return _WORDS.findall(text.lower())
+  return WORDS.findall(text.lower())
 
 
 def _hash32(data: bytes) -> int:
   return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "little")
+
+
+def minhash(text: str, shingle: int, num_perm: int, seed: int) -> LeanMinHash:
+  """The MinHash signature of a text's word `shingle`-grams (the whole text if shorter)."""
+  w = words(text)
+  n = min(shingle, max(len(w), 1))
+  grams = {" ".join(w[i : i + n]).encode("utf-8") for i in range(max(len(w) - n + 1, 1))}
+  m = MinHash(num_perm=num_perm, seed=seed, hashfunc=_hash32)
+  m.update_batch(sorted(grams))
+  return LeanMinHash(m)
 
 
 class NearDuplicates:
@@ -45,20 +55,17 @@ class NearDuplicates:
     self.num_perm = bands * rows
     self.lsh = MinHashLSH(num_perm=self.num_perm, params=(bands, rows))
     self.signatures: dict[str, np.ndarray] = {}
+    self.order: dict[str, int] = {}
 
   def minhash(self, text: str) -> LeanMinHash:
-    w = words(text)
-    n = min(self.shingle, max(len(w), 1))
-    grams = {" ".join(w[i : i + n]).encode("utf-8") for i in range(max(len(w) - n + 1, 1))}
-    m = MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=_hash32)
-    m.update_batch(sorted(grams))
-    return LeanMinHash(m)
+    return minhash(text, self.shingle, self.num_perm, self.seed)
 
   def find(self, m: LeanMinHash) -> tuple[str, float] | None:
-    """The most similar kept document at or above the threshold, and its similarity."""
+    """The most similar kept document at or above the threshold (the earliest added among
+    equals), and its similarity."""
     best = None
-    for key in self.lsh.query(m):
-      similarity = float(np.mean(self.signatures[key] == m.hashvalues))
+    for key in sorted(self.lsh.query(m), key=self.order.__getitem__):
+      similarity = similarity_of(self.signatures[key], m.hashvalues)
       if similarity >= self.threshold and (best is None or similarity > best[1]):
         best = (key, similarity)
     return best
@@ -66,6 +73,12 @@ class NearDuplicates:
   def add(self, key: str, m: LeanMinHash) -> None:
     self.lsh.insert(key, m)
     self.signatures[key] = m.hashvalues
+    self.order[key] = len(self.order)
+
+
+def similarity_of(a: np.ndarray, b: np.ndarray) -> float:
+  """Jaccard similarity estimated by two MinHash signatures: the fraction of equal values."""
+  return float(np.mean(a == b))
 
 
 class Contamination:

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from data import curate, dedup, quality
+from data import curate, dedup, quality, sources
 from data.curate import CurateConfig
 
 VOCAB = [
@@ -199,3 +199,56 @@ def test_curated_output_prepares_and_trains(corpus, tmp_path):
   c.train.steps, c.train.checkpoint_every = 2, 2
   summary = loop.train(c, str(tmp_path / "run"))
   assert summary["final_step"] == 2 and np.isfinite(summary["val_loss"])
+
+
+def split_corpus(corpus, root) -> str:
+  """The corpus in three files, so that two datatrove tasks interleave them (files 0 and 2,
+  and file 1): a glob of them."""
+  lines = open(corpus[0] / "corpus.jsonl").read().splitlines(True)
+  os.makedirs(root)
+  for k, part in enumerate((lines[:100], lines[100:200], lines[200:])):
+    with open(root / f"c{k}.jsonl", "w") as f:
+      f.writelines(part)
+  return str(root / "c*.jsonl")
+
+
+def parts(out) -> list[str]:
+  return sorted(
+    line for n in os.listdir(out) if n.startswith("part-") for line in open(os.path.join(out, n))
+  )
+
+
+def test_datatrove_executor_gives_the_one_process_output(corpus, tmp_path):
+  """The same rules as datatrove steps on its local executor, two tasks in two processes: the
+  same documents kept and the same report (counts, clusters, contamination) as one process."""
+  from data import curate_scale
+
+  source = split_corpus(corpus, tmp_path / "in")
+  cfg, evals = CurateConfig(threshold=THRESHOLD), [str(corpus[0] / "eval.jsonl")]
+  one = curate.curate(source, str(tmp_path / "one"), cfg, evals, progress=False)
+  scaled = curate_scale.curate_at_scale(
+    source, str(tmp_path / "dt"), cfg, evals, tasks=2, workers=2
+  )
+  assert scaled == one
+  assert len(one["duplicate_clusters"]) > 20 and len(one["contaminated"]) == 4
+  assert parts(tmp_path / "dt") == parts(tmp_path / "one")
+  assert len(os.listdir(tmp_path / "dt" / "work" / "dups")) == cfg.bands
+
+
+def test_datatrove_executor_resumes_and_refuses_another_config(corpus, tmp_path):
+  """A run stopped after its first two stages resumes without redoing them, to the output of a
+  run that never stopped; a resume under another config is refused."""
+  from data import curate_scale
+
+  source = split_corpus(corpus, tmp_path / "in")
+  cfg, out = CurateConfig(threshold=THRESHOLD), str(tmp_path / "cut")
+  whole = curate_scale.curate_at_scale(source, str(tmp_path / "whole"), cfg, tasks=2)
+  assert curate_scale.curate_at_scale(source, out, cfg, tasks=2, stop_after_stage=2) == {}
+  docs = os.path.join(out, "work", "docs", "00000.jsonl")
+  written = os.stat(docs).st_mtime_ns
+  assert not os.path.exists(os.path.join(out, curate.REPORT))
+  assert curate_scale.curate_at_scale(source, out, cfg, tasks=2) == whole
+  assert os.stat(docs).st_mtime_ns == written, "the first stage ran again"
+  assert parts(out) == parts(tmp_path / "whole")
+  with pytest.raises(sources.DataError, match="another config"):
+    curate_scale.curate_at_scale(source, out, CurateConfig(threshold=0.7), tasks=2)
