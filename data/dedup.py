@@ -4,6 +4,7 @@ datasketch, candidates checked by their estimated Jaccard similarity) and evalua
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -29,17 +30,47 @@ def words(text: str) -> list[str]:
   return WORDS.findall(text.lower())
 
 
-def _hash32(data: bytes) -> int:
-  return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "little")
+@functools.lru_cache(maxsize=1 << 20)
+def _word_hash(word: str) -> int:
+  return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53))
+
+
+def shingles(text: str, shingle: int) -> np.ndarray:
+  """32-bit hashes of the text's word `shingle`-grams (the whole text if shorter): each
+  word's blake2b hash, combined along the shingle and mixed (murmur3's finaliser)."""
+  w = words(text) or [""]
+  n = min(shingle, len(w))
+  hashes = np.fromiter(map(_word_hash, w), dtype=np.uint64, count=len(w))
+  rows = np.lib.stride_tricks.sliding_window_view(hashes, n)
+  h = rows[:, 0].copy()
+  for k in range(1, n):
+    h = h * _MIX[0] + rows[:, k]  # wraps modulo 2^64
+  h ^= h >> np.uint64(33)
+  h *= _MIX[1]
+  h ^= h >> np.uint64(33)
+  h *= _MIX[2]
+  h ^= h >> np.uint64(33)
+  return (h >> np.uint64(32)).astype(np.uint32)
+
+
+@functools.lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int):
+  return MinHash(num_perm=num_perm, seed=seed).permutations
 
 
 def minhash(text: str, shingle: int, num_perm: int, seed: int) -> LeanMinHash:
-  """The MinHash signature of a text's word `shingle`-grams (the whole text if shorter)."""
-  w = words(text)
-  n = min(shingle, max(len(w), 1))
-  grams = {" ".join(w[i : i + n]).encode("utf-8") for i in range(max(len(w) - n + 1, 1))}
-  m = MinHash(num_perm=num_perm, seed=seed, hashfunc=_hash32)
-  m.update_batch(sorted(grams))
+  """datasketch's MinHash signature of the text's shingle hashes."""
+  m = MinHash(
+    num_perm=num_perm,
+    seed=seed,
+    hashfunc=int,  # the values are hashes already
+    permutations=_permutations(num_perm, seed),
+    scheme="affine32",
+  )
+  m.update_batch(shingles(text, shingle).tolist())
   return LeanMinHash(m)
 
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 import unicodedata
+
+import numpy as np
 
 _WORD = re.compile(r"\S+")
 _BULLETS = ("•", "●", "○", "▪", "◦", "–", "-", "*", "·")
@@ -71,58 +74,99 @@ RULES = (
 
 def check(text: str, cfg: QualityConfig = QualityConfig(), skip=()) -> str | None:
   """The first rule of RULES (not in `skip`) that `text` fails, or None if it passes all."""
-  words = _WORD.findall(text)
-  lines = [line.strip() for line in text.split("\n") if line.strip()]
+  doc = _Doc(text)
   for rule in RULES:
-    if rule not in skip and not _PASSES[rule](text, words, lines, cfg):
+    if rule not in skip and not _PASSES[rule](doc, cfg):
       return rule
   return None
 
 
-def _non_text(text, words, lines, cfg):
-  bad = sum(
-    1 for c in text if c == "\ufffd" or (unicodedata.category(c) in _NON_TEXT and c not in "\n\t\r")
-  )
-  return bad <= cfg.max_non_text_chars * max(len(text), 1)
+class _Doc:
+  """A document split once: words (whitespace-separated), non-empty lines, and on first use the
+  distinct words with their counts, and each word as the integer id of its lower case."""
+
+  def __init__(self, text: str):
+    self.text = text
+    self.words = _WORD.findall(text)
+    self.lines = [line.strip() for line in text.split("\n") if line.strip()]
+    self._ngrams: dict[int, tuple] = {}
+
+  @functools.cached_property
+  def counts(self) -> collections.Counter:
+    return collections.Counter(self.words)
+
+  @functools.cached_property
+  def ids(self) -> tuple[np.ndarray, np.ndarray]:
+    """(each word's id, each id's length): ids number the distinct lower-cased words."""
+    lowered = _WORD.findall(self.text.lower())  # the same words as self.words, lower-cased
+    index = {w: i for i, w in enumerate(dict.fromkeys(lowered))}
+    ids = np.fromiter(map(index.__getitem__, lowered), dtype=np.int64, count=len(lowered))
+    return ids, np.fromiter(map(len, index), dtype=np.int64, count=len(index))
+
+  def ngrams(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the word n-grams: each position's n-gram as an id, and each id's first position
+    and count. An n-gram's id is that of the pair (its first n-1 words' id, its last word's
+    id), so the ids are exact and each n costs one sort of integers."""
+    if n not in self._ngrams:
+      ids, lengths = self.ids
+      if n == 1:
+        key = ids
+      else:
+        previous = self.ngrams(n - 1)[0][:-1]
+        key = previous * len(lengths) + ids[n - 1 :]
+      _, first, inverse, counts = np.unique(
+        key, return_index=True, return_inverse=True, return_counts=True
+      )
+      self._ngrams[n] = (inverse, first, counts)
+    return self._ngrams[n]
 
 
-def _word_count(text, words, lines, cfg):
-  return cfg.min_words <= len(words) <= cfg.max_words
+def _non_text(doc, cfg):
+  bad = sum(doc.text.count(c) for c in set(doc.text) if _is_non_text(c))
+  return bad <= cfg.max_non_text_chars * max(len(doc.text), 1)
 
 
-def _mean_word_length(text, words, lines, cfg):
-  mean = sum(map(len, words)) / max(len(words), 1)
+def _is_non_text(c: str) -> bool:
+  return c == "\ufffd" or (unicodedata.category(c) in _NON_TEXT and c not in "\n\t\r")
+
+
+def _word_count(doc, cfg):
+  return cfg.min_words <= len(doc.words) <= cfg.max_words
+
+
+def _mean_word_length(doc, cfg):
+  mean = sum(map(len, doc.words)) / max(len(doc.words), 1)
   return cfg.min_mean_word_length <= mean <= cfg.max_mean_word_length
 
 
-def _symbol_word_ratio(text, words, lines, cfg):
-  symbols = text.count("#") + sum(text.count(e) for e in _ELLIPSES)
-  return symbols <= cfg.max_symbol_word_ratio * max(len(words), 1)
+def _symbol_word_ratio(doc, cfg):
+  symbols = doc.text.count("#") + sum(doc.text.count(e) for e in _ELLIPSES)
+  return symbols <= cfg.max_symbol_word_ratio * max(len(doc.words), 1)
 
 
-def _bullet_lines(text, words, lines, cfg):
-  bullets = sum(1 for line in lines if line.startswith(_BULLETS))
-  return bullets <= cfg.max_bullet_lines * max(len(lines), 1)
+def _bullet_lines(doc, cfg):
+  bullets = sum(1 for line in doc.lines if line.startswith(_BULLETS))
+  return bullets <= cfg.max_bullet_lines * max(len(doc.lines), 1)
 
 
-def _ellipsis_lines(text, words, lines, cfg):
-  ending = sum(1 for line in lines if line.endswith(_ELLIPSES))
-  return ending <= cfg.max_ellipsis_lines * max(len(lines), 1)
+def _ellipsis_lines(doc, cfg):
+  ending = sum(1 for line in doc.lines if line.endswith(_ELLIPSES))
+  return ending <= cfg.max_ellipsis_lines * max(len(doc.lines), 1)
 
 
-def _alpha_words(text, words, lines, cfg):
-  alpha = sum(1 for w in words if any(c.isalpha() for c in w))
-  return alpha >= cfg.min_alpha_words * len(words)
+def _alpha_words(doc, cfg):
+  alpha = sum(k for w, k in doc.counts.items() if any(map(str.isalpha, w)))
+  return alpha >= cfg.min_alpha_words * len(doc.words)
 
 
-def _stop_words(text, words, lines, cfg):
-  present = {w.lower().strip(".,;:!?\"'()") for w in words} & set(STOP_WORDS)
+def _stop_words(doc, cfg):
+  present = {w.lower().strip(".,;:!?\"'()") for w in doc.counts} & set(STOP_WORDS)
   return len(present) >= cfg.min_stop_words
 
 
-def _punctuated_lines(text, words, lines, cfg):
-  ending = sum(1 for line in lines if line.endswith(_TERMINAL) or line.endswith(_ELLIPSES))
-  return ending >= cfg.min_punctuated_lines * max(len(lines), 1)
+def _punctuated_lines(doc, cfg):
+  ending = sum(1 for line in doc.lines if line.endswith(_TERMINAL) or line.endswith(_ELLIPSES))
+  return ending >= cfg.min_punctuated_lines * max(len(doc.lines), 1)
 
 
 def _duplicates(items: list[str]) -> tuple[int, int]:
@@ -135,16 +179,16 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
   return count, chars
 
 
-def _duplicate_lines(text, words, lines, cfg):
-  count, chars = _duplicates(lines)
-  total = sum(map(len, lines))
+def _duplicate_lines(doc, cfg):
+  count, chars = _duplicates(doc.lines)
+  total = sum(map(len, doc.lines))
   return count <= cfg.max_duplicate_lines * max(
-    len(lines), 1
+    len(doc.lines), 1
   ) and chars <= cfg.max_duplicate_line_chars * max(total, 1)
 
 
-def _duplicate_paragraphs(text, words, lines, cfg):
-  paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+def _duplicate_paragraphs(doc, cfg):
+  paragraphs = [p.strip() for p in re.split(r"\n\s*\n", doc.text) if p.strip()]
   count, chars = _duplicates(paragraphs)
   total = sum(map(len, paragraphs))
   return count <= cfg.max_duplicate_paragraphs * max(
@@ -152,35 +196,39 @@ def _duplicate_paragraphs(text, words, lines, cfg):
   ) and chars <= cfg.max_duplicate_paragraph_chars * max(total, 1)
 
 
-def _ngrams(words: list[str], n: int):
-  return zip(*(words[i:] for i in range(n)))
-
-
-def _top_ngrams(text, words, lines, cfg):
-  lowered = [w.lower() for w in words]
-  total = sum(map(len, lowered))
+def _top_ngrams(doc, cfg):
+  """The most frequent n-gram (the earliest among equals) times its characters, over all the
+  word characters (lower case)."""
+  ids, lengths = doc.ids
+  chars = lengths[ids]
+  total = int(chars.sum())
   for n, limit in cfg.max_top_ngram_chars:
-    counts = collections.Counter(_ngrams(lowered, n))
-    if not counts:
+    if len(ids) < n:
       continue
-    gram, times = counts.most_common(1)[0]
-    if times > 1 and times * sum(map(len, gram)) > limit * total:
+    _, first, counts = doc.ngrams(n)
+    times = int(counts.max())
+    start = int(first[counts == times].min())
+    if times > 1 and times * int(chars[start : start + n].sum()) > limit * total:
       return False
   return True
 
 
-def _duplicate_ngrams(text, words, lines, cfg):
+def _duplicate_ngrams(doc, cfg):
   """Characters of the words covered by an n-gram seen earlier in the document (each word
   counted once), as Gopher measures duplicated n-grams."""
-  lowered = [w.lower() for w in words]
-  total = sum(map(len, lowered))
+  ids, lengths = doc.ids
+  chars = lengths[ids]
+  total = int(chars.sum())
   for n, limit in cfg.max_duplicate_ngram_chars:
-    seen, covered = set(), [False] * len(lowered)
-    for i, gram in enumerate(_ngrams(lowered, n)):
-      if gram in seen:
-        covered[i : i + n] = [True] * n
-      seen.add(gram)
-    if sum(len(w) for w, c in zip(lowered, covered) if c) > limit * total:
+    if len(ids) < n:
+      continue
+    inverse, first, _ = doc.ngrams(n)
+    first_of = first[inverse]
+    repeats = np.flatnonzero(first_of < np.arange(len(first_of)))
+    edges = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.add.at(edges, repeats, 1)
+    np.add.at(edges, repeats + n, -1)
+    if int(chars[np.cumsum(edges[:-1]) > 0].sum()) > limit * total:
       return False
   return True
 
