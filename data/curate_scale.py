@@ -345,7 +345,7 @@ def curate_at_scale(source, out_dir, cfg=CurateConfig(), eval_paths=(), text_fie
     return {}
   steps[-1].run()
   report = gather(out_dir, config)
-  with open(os.path.join(out_dir, curate.REPORT), "w") as f:
+  with get_datafolder(out_dir).open(curate.REPORT, "w") as f:
     json.dump(report, f, indent=1)
   return report
 
