@@ -11,7 +11,7 @@ from flax import nnx
 
 from model import axes
 from model.config import ModelConfig
-from model.layers import Dense, dropout
+from model.layers import Dense, adapter_rngs, dropout
 
 
 class KVCache(NamedTuple):
@@ -166,12 +166,12 @@ class Attention(nnx.Module):
     self.dropout_rate, self.dropout_prng = cfg.attention_dropout, cfg.dropout_prng
     self.query_blocks, self.kv_bucket = cfg.attention_query_blocks, cfg.kv_bucket
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    self.q = Dense((d,), (h, k), (axes.EMBED,), (axes.HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
-    self.k = Dense((d,), (g, k), (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
-    self.v = Dense((d,), (g, k), (axes.EMBED,), (axes.KV_HEADS, axes.HEAD_DIM), cfg, rngs=rngs)
-    self.o = Dense(
-      (h, k), (d,), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), cfg, rngs=rngs, std=out_std
-    )
+    heads, kv_heads = (axes.HEADS, axes.HEAD_DIM), (axes.KV_HEADS, axes.HEAD_DIM)
+    lora = cfg.lora_on
+    self.q = Dense((d,), (h, k), (axes.EMBED,), heads, cfg, rngs=rngs, lora=lora("q"))
+    self.k = Dense((d,), (g, k), (axes.EMBED,), kv_heads, cfg, rngs=rngs, lora=lora("k"))
+    self.v = Dense((d,), (g, k), (axes.EMBED,), kv_heads, cfg, rngs=rngs, lora=lora("v"))
+    self.o = Dense((h, k), (d,), heads, (axes.EMBED,), cfg, rngs=rngs, std=out_std, lora=lora("o"))
 
   def __call__(
     self,
@@ -181,12 +181,15 @@ class Attention(nnx.Module):
     kv=None,
     index=None,
     dropout_rng=None,
+    lora_rng=None,
   ):
     """Returns the attention output and, when `kv` = (k cache, v cache, layer) of all layers is
-    given, the updated caches. `dropout_rng` (training only) drops attention probabilities."""
-    q_BxLxHxK = self.q(x_BxLxD)
-    k_BxLxGxK = self.k(x_BxLxD)
-    v_BxLxGxK = self.v(x_BxLxD)
+    given, the updated caches. `dropout_rng` (training only) drops attention probabilities,
+    `lora_rng` the adapters' inputs."""
+    rng = adapter_rngs(lora_rng, 4)
+    q_BxLxHxK = self.q(x_BxLxD, rng[0])
+    k_BxLxGxK = self.k(x_BxLxD, rng[1])
+    v_BxLxGxK = self.v(x_BxLxD, rng[2])
     if self.position == "rope":
       q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
       k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
@@ -209,7 +212,8 @@ class Attention(nnx.Module):
       )
 
     if kv is None:
-      return self.o(attend_keys(k_BxLxGxK, v_BxLxGxK, mask_BxLxT, self.query_blocks)), None
+      out_BxLxHxK = attend_keys(k_BxLxGxK, v_BxLxGxK, mask_BxLxT, self.query_blocks)
+      return self.o(out_BxLxHxK, rng[3]), None
     # One in-place write into the stacked cache of all layers, at (layer, slot `index`);
     # slicing a layer out and stacking it back would copy the whole cache every step.
     k_NxBxGxTxK, v_NxBxGxTxK, layer = kv
@@ -250,4 +254,4 @@ class Attention(nnx.Module):
         [prefix(n) for n in lengths],  # clamps `which`
         *operands,
       )
-    return self.o(out_BxLxHxK), (k_NxBxGxTxK, v_NxBxGxTxK)
+    return self.o(out_BxLxHxK, rng[3]), (k_NxBxGxTxK, v_NxBxGxTxK)

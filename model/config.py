@@ -13,6 +13,7 @@ REMATS = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "jax")
 DROPOUT_PRNGS = ("threefry", "rbg", "hash")
 DTYPES = ("float32", "bfloat16", "float16")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections by name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,10 @@ class ModelConfig:
   kv_bucket: int = 64  # with a KV cache, attend over the shortest prefix of the cache that
   # holds every visible key, rounded up to kv_bucket x 1, 1.5, 2, 3, 4, 6, ... slots (one
   # compiled branch per length); 0 attends over every slot
+  lora_rank: int = 0  # LoRA: rank r of the adapters on lora_targets; 0 builds none
+  lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+  lora_dropout: float = 0.0  # dropout on the adapters' input while training
+  lora_targets: tuple = ("q", "k", "v", "o")  # of q, k, v, o (attention), gate, up, down (MLP)
 
   def __post_init__(self):
     positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
@@ -113,6 +118,32 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.kv_bucket must be an int >= 0, got {self.kv_bucket!r}")
     if self.init_std <= 0:
       raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std}")
+    self._check_lora()
+
+  def _check_lora(self):
+    r = self.lora_rank
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+      raise ValueError(f"ModelConfig.lora_rank must be an int >= 0, got {r!r}")
+    if isinstance(self.lora_targets, str):
+      object.__setattr__(self, "lora_targets", tuple(self.lora_targets.split(",")))
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+    if unknown:
+      raise ValueError(
+        f"ModelConfig.lora_targets has {unknown}: choose among {', '.join(LORA_TARGETS)}"
+      )
+    if r and not self.lora_targets:
+      raise ValueError("ModelConfig.lora_rank > 0 needs at least one of lora_targets")
+    if r and "gate" in self.lora_targets and self.mlp != "swiglu":
+      raise ValueError(f"ModelConfig.lora_targets has 'gate', but mlp={self.mlp!r} has none")
+    if self.lora_alpha <= 0:
+      raise ValueError(f"ModelConfig.lora_alpha must be > 0, got {self.lora_alpha}")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"ModelConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+  def lora_on(self, target: str) -> bool:
+    """Whether the projection named `target` carries a LoRA adapter."""
+    return self.lora_rank > 0 and target in self.lora_targets
 
   @property
   def head_dim(self) -> int:

@@ -15,9 +15,13 @@ from model import axes
 from model.config import ModelConfig
 
 
-def param(rngs: nnx.Rngs | None, init, shape, dtype, logical: Sequence[str | None]):
-  """A parameter that carries logical axis names; shardings are applied by the caller's jit."""
-  value = init(rngs.params(), shape, dtype) if rngs is not None else init(shape, dtype)
+def param(rngs: nnx.Rngs | jax.Array | None, init, shape, dtype, logical: Sequence[str | None]):
+  """A parameter that carries logical axis names; shardings are applied by the caller's jit.
+  `rngs`: the Rngs to draw a key from, a key, or None for an init without one."""
+  if rngs is None:
+    value = init(shape, dtype)
+  else:
+    value = init(rngs.params() if isinstance(rngs, nnx.Rngs) else rngs, shape, dtype)
   return nnx.Param(value, out_sharding=tuple(logical), eager_sharding=False)
 
 
@@ -85,6 +89,22 @@ def hash_bits(
   inner = _mix32(keyed_index(range(n_outer, len(shape)), k0))
   outer = _mix32(keyed_index(range(n_outer), k1) * jnp.uint32(0x9E3779B9))
   return _mix32((inner + outer) ^ k2)
+
+
+_ADAPTERS_OFF: contextvars.ContextVar = contextvars.ContextVar(
+  "fromscratch_adapters_off", default=False
+)
+
+
+@contextlib.contextmanager
+def adapters_off():
+  """Within this context (while tracing), LoRA adapters add nothing: a model with adapters
+  computes its base weights' function. PPO, DPO and GRPO take their reference this way."""
+  token = _ADAPTERS_OFF.set(True)
+  try:
+    yield
+  finally:
+    _ADAPTERS_OFF.reset(token)
 
 
 _BATCH_SHARD: contextvars.ContextVar = contextvars.ContextVar(
@@ -160,6 +180,11 @@ class Dense(nnx.Module):
 
   The matmul runs on 2-D operands (all leading dims flattened): XLA:CPU's weight-gradient
   dots are markedly faster that way than as 3-D contractions.
+
+  With `lora`, a LoRA adapter (Hu et al. 2021) of rank cfg.lora_rank adds
+  (alpha / r) * dropout(x) @ lora_a @ lora_b. lora_a (in_shape + (r,)) starts uniform in
+  +-1/sqrt(fan_in) as PEFT's, lora_b ((r,) + out_shape) at zero, so the adapted layer starts
+  equal to the base. The adapters share the kernel's logical axes on their in and out dims.
   """
 
   def __init__(
@@ -173,12 +198,14 @@ class Dense(nnx.Module):
     rngs: nnx.Rngs,
     std: float | None = None,
     use_bias: bool | None = None,
+    lora: bool = False,
   ):
     self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
     self.dtype = cfg.compute_dtype
     std = cfg.init_std if std is None else std
+    key = rngs.params()  # the adapter's key derives from it: the stream is as without LoRA
     self.kernel = param(
-      rngs,
+      key,
       normal(std),
       self.in_shape + self.out_shape,
       cfg.weight_dtype,
@@ -188,13 +215,31 @@ class Dense(nnx.Module):
     self.bias = (
       param(None, jnp.zeros, self.out_shape, cfg.weight_dtype, out_axes) if use_bias else None
     )
+    on = lora and cfg.lora_rank > 0
+    r, bound = cfg.lora_rank, 1.0 / math.sqrt(math.prod(self.in_shape))
+    uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    a_shape, a_axes = self.in_shape + (r,), tuple(in_axes) + (None,)
+    b_shape, b_axes = (r,) + self.out_shape, (None,) + tuple(out_axes)
+    self.lora_a = (
+      param(jax.random.fold_in(key, 1), uniform, a_shape, cfg.weight_dtype, a_axes) if on else None
+    )
+    self.lora_b = param(None, jnp.zeros, b_shape, cfg.weight_dtype, b_axes) if on else None
+    self.lora_scale, self.lora_dropout = cfg.lora_alpha / max(r, 1), cfg.lora_dropout
+    self.prng = cfg.dropout_prng
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     n_in = len(self.in_shape)
     lead = x.shape[: x.ndim - n_in]
     x_MxI = x.reshape(-1, math.prod(self.in_shape)).astype(self.dtype)
     w_IxO = self.kernel[...].reshape(math.prod(self.in_shape), -1).astype(self.dtype)
     y_MxO = x_MxI @ w_IxO
+    if self.lora_a is not None and not _ADAPTERS_OFF.get():
+      a_IxR = self.lora_a[...].reshape(x_MxI.shape[1], -1).astype(self.dtype)
+      b_RxO = self.lora_b[...].reshape(a_IxR.shape[1], -1).astype(self.dtype)
+      x_in = x_MxI
+      if rng is not None and self.lora_dropout:
+        x_in = dropout(x.astype(self.dtype), self.lora_dropout, rng, self.prng).reshape(x_MxI.shape)
+      y_MxO = y_MxO + (x_in @ a_IxR) @ b_RxO * jnp.asarray(self.lora_scale, self.dtype)
     if self.bias is not None:
       y_MxO = y_MxO + self.bias[...].reshape(-1).astype(self.dtype)
     return y_MxO.reshape(lead + self.out_shape)
@@ -259,15 +304,25 @@ class MLP(nnx.Module):
     self.kind = cfg.mlp
     d, f = cfg.d_model, cfg.d_ff
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's scaled residual init
+    lora = cfg.lora_on
     if cfg.mlp == "swiglu":
-      self.gate = Dense((d,), (f,), (axes.EMBED,), (axes.MLP,), cfg, rngs=rngs)
-    self.up = Dense((d,), (f,), (axes.EMBED,), (axes.MLP,), cfg, rngs=rngs)
-    self.down = Dense((f,), (d,), (axes.MLP,), (axes.EMBED,), cfg, rngs=rngs, std=out_std)
+      self.gate = Dense((d,), (f,), (axes.EMBED,), (axes.MLP,), cfg, rngs=rngs, lora=lora("gate"))
+    self.up = Dense((d,), (f,), (axes.EMBED,), (axes.MLP,), cfg, rngs=rngs, lora=lora("up"))
+    self.down = Dense(
+      (f,), (d,), (axes.MLP,), (axes.EMBED,), cfg, rngs=rngs, std=out_std, lora=lora("down")
+    )
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, lora_rng: jax.Array | None = None) -> jax.Array:
+    """`lora_rng`: the key of the adapters' dropout while training."""
+    rng = adapter_rngs(lora_rng, 3)
     if self.kind == "swiglu":
-      h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
+      h_BxLxF = jax.nn.silu(self.gate(x_BxLxD, rng[0])) * self.up(x_BxLxD, rng[1])
     else:
-      h_BxLxF = gelu(self.up(x_BxLxD), approximate=self.kind == "gelu")
+      h_BxLxF = gelu(self.up(x_BxLxD, rng[1]), approximate=self.kind == "gelu")
     h_BxLxF = axes.constrain(h_BxLxF, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
-    return self.down(h_BxLxF)
+    return self.down(h_BxLxF, rng[2])
+
+
+def adapter_rngs(rng: jax.Array | None, n: int) -> list:
+  """n keys for n projections' adapter dropout (None each without a key)."""
+  return [None] * n if rng is None else [jax.random.fold_in(rng, i) for i in range(n)]

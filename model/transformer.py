@@ -22,6 +22,7 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.rate, self.prng = cfg.dropout, cfg.dropout_prng
+    self.lora_dropout = cfg.lora_rank > 0 and cfg.lora_dropout > 0
     self.attn_norm = Norm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg)
@@ -29,11 +30,15 @@ class Block(nnx.Module):
 
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxT, kv=None, index=None, rng=None):
     rng_attn, rng_mlp, rng_probs = (None,) * 3 if rng is None else jax.random.split(rng, 3)
+    # The adapters' dropout keys are folded in, so the other masks stay as without LoRA.
+    rng_lora = jax.random.fold_in(rng, 3) if rng is not None and self.lora_dropout else None
+    lora_attn, lora_mlp = (None, None) if rng_lora is None else jax.random.split(rng_lora)
     h_BxLxD, new_kv = self.attn(
-      self.attn_norm(x_BxLxD), positions_BxL, mask_BxLxT, kv, index, rng_probs
+      self.attn_norm(x_BxLxD), positions_BxL, mask_BxLxT, kv, index, rng_probs, lora_attn
     )
     x_BxLxD = x_BxLxD + dropout(h_BxLxD, self.rate, rng_attn, self.prng)
-    x_BxLxD = x_BxLxD + dropout(self.mlp(self.mlp_norm(x_BxLxD)), self.rate, rng_mlp, self.prng)
+    h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD), lora_mlp)
+    x_BxLxD = x_BxLxD + dropout(h_BxLxD, self.rate, rng_mlp, self.prng)
     return axes.constrain(x_BxLxD, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)), new_kv
 
 

@@ -12,8 +12,10 @@ import numpy as np
 import tqdm
 
 from data.tokenizer import tokenizer_to_json
+from model import lora
 from train import checkpoint as ckpt
 from train import distributed, metrics, weights
+from train import step as steplib
 from train.stage import Stage, build_stage
 
 
@@ -103,9 +105,14 @@ def train(config, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
   start = 0
-  resumed = checkpointer.restore_latest(ckpt.abstract_like(stage.states, stage.state_shardings))
+  # A LoRA model's checkpoint holds its adapters (and heads) alone.
+  lora_states = {n: lora.trains for n, (_, m) in stage.models().items() if m.lora_rank}
+  saved = lambda states: steplib.saved_part(states, lora_states)
+  abstract = ckpt.abstract_like(saved(stage.states), saved(stage.state_shardings))
+  resumed = checkpointer.restore_latest(abstract)
   if resumed is not None:
-    start, stage.states, items = resumed
+    start, states, items = resumed
+    stage.states = steplib.restored(stage.states, states, lora_states)
     stage.load_host_state(items.get("host", {}))
     print(f"resumed from step {start} in {checkpointer.directory}")
 
@@ -241,7 +248,7 @@ def train(config, workdir: str) -> dict:
       if saving:
         check_finite(step, step_metrics)  # never a checkpoint after a bad step under "stop"
         # The host state now is exactly `step` iterations in: what a resume needs.
-        checkpointer.save(step, stage.states, _items(stage, config, tokenizer_json))
+        checkpointer.save(step, saved(stage.states), _items(stage, config, tokenizer_json))
       if done:
         break
       if evaluating or saving:

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from model import lora
 from model.config import ModelConfig
 from train import distributed, optim, partitioning, weights
 from train import step as steplib
@@ -260,6 +261,7 @@ class Model:
   shardings: steplib.TrainState
   optimizer: Any
   opt_cfg: optim.OptimConfig
+  trainable: Any = None  # None: every parameter trains; else a predicate on paths (LoRA)
 
   @property
   def n_params(self) -> int:
@@ -275,20 +277,30 @@ def _loader(kind, cfg, mesh: Mesh, seed, source, head_init):
     target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, param_shardings
     )
-    params = weights.read_params(source, kind, target, cfg)
+    if source.model_cfg.lora_rank:
+      raise ValueError(
+        f"{source.describe()} holds LoRA adapters without their base weights; start from "
+        f"the merged model (python -m model.convert merge), or resume that run"
+      )
+    # LoRA adapters start fresh on weights that have none.
+    base, _ = lora.split(target, lambda path: not lora.is_adapter(path))
+    params = weights.read_params(source, kind, base, cfg)
     fresh = {"scalar": "head", "lm_value": "value_head"}.get(kind)
-    if fresh and fresh not in params:
-      # Only the head leaves the jit: XLA drops the trunk's initialisation as dead code.
+    fresh = fresh if fresh and fresh not in params else None  # a head the source lacks
+    new = lambda path: lora.is_adapter(path) or path[0] == fresh
+    made, _ = lora.split(param_shardings, new)
+    if made:
+      # Only what is new leaves the jit: XLA drops the rest of the init as dead code.
       init = jax.jit(
-        lambda: nnx.to_pure_dict(nnx.split(weights.make_model(kind, cfg, seed, head_init))[1])[
-          fresh
-        ],
-        out_shardings=param_shardings[fresh],
+        lambda: lora.split(
+          nnx.to_pure_dict(nnx.split(weights.make_model(kind, cfg, seed, head_init))[1]), new
+        )[0],
+        out_shardings=made,
       )
       from model import axes
 
       with axes.axis_rules(mesh.mesh, mesh.rules):
-        params = {**params, fresh: init()}
+        params = lora.join(params, init())
     return params
 
   return load
@@ -307,10 +319,11 @@ def build_model(
   initialised, or with the weights of `source`, which no device ever holds whole."""
   make = lambda: weights.make_model(kind, cfg, seed, head_init)
   load = None if source is None else _loader(kind, cfg, mesh, seed, source, head_init)
+  trainable = lora.trains if cfg.lora_rank else None
   graphdef, state, shardings, optimizer = steplib.init_sharded(
-    make, opt_cfg, mesh.mesh, mesh.rules, seed, mesh.grad_reduce, load_params=load
+    make, opt_cfg, mesh.mesh, mesh.rules, seed, mesh.grad_reduce, load, trainable
   )
-  return Model(kind, cfg, graphdef, state, shardings, optimizer, opt_cfg)
+  return Model(kind, cfg, graphdef, state, shardings, optimizer, opt_cfg, trainable)
 
 
 def frozen_params(kind: str, cfg: ModelConfig, mesh: Mesh, source: weights.Source):
@@ -340,6 +353,7 @@ def train_step(model: Model, mesh: Mesh, batch_keys, loss_fn, count_name: str = 
     rules=mesh.rules,
     grad_reduce=mesh.grad_reduce,
     count_name=count_name,
+    trainable=model.trainable,
   )
 
 

@@ -13,7 +13,7 @@ from flax import nnx, struct
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec
 
-from model import axes, layers
+from model import axes, layers, lora
 from train import optim, partitioning
 
 # loss_fn(model, batch, rng or None) -> (loss_sum, count, metric sums). A metric sum is a
@@ -46,11 +46,40 @@ class TrainState:
   rng: jax.Array
 
 
-def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def trained_part(params, trainable=None) -> tuple[dict, dict]:
+  """(the parameters a step trains, the frozen rest): all and none without `trainable`, a
+  predicate on a parameter's path (model/lora.py's `trains` for LoRA)."""
+  return (params, {}) if trainable is None else lora.split(params, trainable)
+
+
+def saved_part(states: dict, trainable: dict) -> dict:
+  """What a checkpoint holds of each named TrainState (or of its shardings): all of it, or for
+  a state in `trainable` (name -> predicate) its trained parameters alone: LoRA adapters and
+  heads, whose base weights come again from the run's train.init_from."""
+  return {
+    name: s.replace(params=trained_part(s.params, trainable[name])[0]) if name in trainable else s
+    for name, s in states.items()
+  }
+
+
+def restored(states: dict, saved: dict, trainable: dict) -> dict:
+  """`states` with what a checkpoint held (`saved_part` of them) put back."""
+  return {
+    name: saved[name].replace(
+      params=lora.join(saved[name].params, trained_part(s.params, trainable[name])[1])
+    )
+    if name in trainable
+    else saved[name]
+    for name, s in states.items()
+  }
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int, trainable=None):
+  """A TrainState at step 0; optimizer state only for the trained parameters."""
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
-    opt_state=optimizer.init(params),
+    opt_state=optimizer.init(trained_part(params, trainable)[0]),
     rng=jax.random.PRNGKey(seed),
   )
 
@@ -63,9 +92,11 @@ def init_sharded(
   seed: int,
   grad_reduce: str = "xla",
   load_params: Callable[[dict], dict] | None = None,
+  trainable=None,
 ):
   """A TrainState built directly into its shardings on `mesh` (which `grad_reduce`, the
-  train step's, must suit).
+  train step's, must suit). With `trainable` (see `trained_part`) the optimizer sees only
+  those parameters.
 
   `load_params(param shardings) -> params`, when given, supplies the parameters (weights from
   elsewhere, already placed on those shardings) instead of the model's random init.
@@ -80,21 +111,23 @@ def init_sharded(
     graphdef, _, param_shardings = partitioning.abstract_init(make_model, mesh, rules, grad_reduce)
     param_shardings = nnx.to_pure_dict(param_shardings)
     params = load_params(param_shardings)
-  optimizer = optim.make_optimizer(opt_cfg, params)
-  shardings = state_shardings(optimizer, params, param_shardings, mesh)
-  state = jax.jit(lambda p: init_state(p, optimizer, seed), out_shardings=shardings)(params)
+  optimizer = optim.make_optimizer(opt_cfg, trained_part(params, trainable)[0])
+  shardings = state_shardings(optimizer, params, param_shardings, mesh, trainable)
+  init = lambda p: init_state(p, optimizer, seed, trainable)
+  state = jax.jit(init, out_shardings=shardings)(params)
   return graphdef, state, shardings, optimizer
 
 
-def state_shardings(optimizer, params, param_shardings, mesh) -> TrainState:
+def state_shardings(optimizer, params, param_shardings, mesh, trainable=None) -> TrainState:
   """Where each part of a TrainState lives: moments like their parameters, counters
   replicated."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  abstract_opt = jax.eval_shape(optimizer.init, params)
+  abstract_opt = jax.eval_shape(optimizer.init, trained_part(params, trainable)[0])
+  trained_shardings = trained_part(param_shardings, trainable)[0]
   return TrainState(
     step=replicated,
     params=param_shardings,
-    opt_state=partitioning.opt_state_shardings(abstract_opt, param_shardings, mesh),
+    opt_state=partitioning.opt_state_shardings(abstract_opt, trained_shardings, mesh),
     rng=replicated,
   )
 
@@ -111,11 +144,13 @@ def _split_microbatches(batch, k: int):
   return jax.tree.map(one, batch)
 
 
-def compute_grads(graphdef, loss_fn, params, batch, rng, grad_accum: int):
-  """Summed loss, count, metric sums and the gradient of the summed loss."""
+def compute_grads(graphdef, loss_fn, params, batch, rng, grad_accum: int, frozen=None):
+  """Summed loss, count, metric sums and the gradient of the summed loss with respect to
+  `params`; `frozen` parameters complete the model without a gradient."""
 
   def objective(p, mb, r):
-    loss_sum, count, metrics = loss_fn(nnx.merge(graphdef, p), mb, r)
+    full = p if not frozen else lora.join(p, frozen)
+    loss_sum, count, metrics = loss_fn(nnx.merge(graphdef, full), mb, r)
     return loss_sum, (count, metrics)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -140,7 +175,9 @@ def compute_grads(graphdef, loss_fn, params, batch, rng, grad_accum: int):
   return loss_sum, count, metrics, grads
 
 
-def flat_data_parallel_grads(graphdef, loss_fn, params, batch, rng, grad_accum: int, mesh, rules):
+def flat_data_parallel_grads(
+  graphdef, loss_fn, params, batch, rng, grad_accum: int, mesh, rules, frozen=None
+):
   """compute_grads with manual data parallelism: each device takes its shard of the batch, and
   one all-reduce sums every device's loss, count, metric sums and gradients as a single flat
   vector.
@@ -157,9 +194,9 @@ def flat_data_parallel_grads(graphdef, loss_fn, params, batch, rng, grad_accum: 
   batch_axes = partitioning.batch_mesh_axes(rules)
   n_shards = partitioning.batch_divisor(mesh, rules)
 
-  def local(params, batch, rng):
+  def local(params, frozen, batch, rng):
     with axes.manual(), layers.batch_shard(jax.lax.axis_index(batch_axes), n_shards):
-      out = compute_grads(graphdef, loss_fn, params, batch, rng, grad_accum)
+      out = compute_grads(graphdef, loss_fn, params, batch, rng, grad_accum, frozen)
     flat, unravel = ravel_pytree(out)
     return unravel(jax.lax.psum(flat, batch_axes))
 
@@ -167,10 +204,10 @@ def flat_data_parallel_grads(graphdef, loss_fn, params, batch, rng, grad_accum: 
   return jax.shard_map(
     local,
     mesh=mesh,
-    in_specs=(replicated, split, replicated),
+    in_specs=(replicated, replicated, split, replicated),
     out_specs=replicated,
     check_vma=False,
-  )(params, batch, rng)
+  )(params, frozen or {}, batch, rng)
 
 
 def train_step(
@@ -186,8 +223,11 @@ def train_step(
   rules=(),
   grad_reduce: str = "xla",
   count_name: str = "tokens",
+  trainable=None,
 ):
   """One optimizer update from one global batch (split into grad_accum microbatches).
+  With `trainable` (see `trained_part`), only those parameters get gradients and updates;
+  the rest pass through bitwise unchanged.
 
   The loss is loss_sum / count; `count_name` names what the count counts in the metrics
   (tokens, sequences, pairs).
@@ -196,25 +236,27 @@ def train_step(
   with `flat_data_parallel_grads` (pure data parallelism on `mesh`)."""
   with axes.axis_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
     rng = jax.random.fold_in(state.rng, state.step)
+    trained, frozen = trained_part(state.params, trainable)
     if grad_reduce == "flat" and mesh is not None and mesh.size > 1:
       loss_sum, count, metric_sums, grads = flat_data_parallel_grads(
-        graphdef, loss_fn, state.params, batch, rng, grad_accum, mesh, rules
+        graphdef, loss_fn, trained, batch, rng, grad_accum, mesh, rules, frozen
       )
     else:
       loss_sum, count, metric_sums, grads = compute_grads(
-        graphdef, loss_fn, state.params, batch, rng, grad_accum
+        graphdef, loss_fn, trained, batch, rng, grad_accum, frozen
       )
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+    params = optax.apply_updates(trained, updates)
     grad_norm = optax.tree.norm(grads)
     # A NaN or Inf in the loss or the gradients leaves the parameters and the optimizer as
     # they were (the loop then stops or skips, by train.nonfinite): a bad batch never reaches
     # a checkpoint. The select fuses into the update; finite steps are bitwise unchanged.
     finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    params, opt_state = keep(params, trained), keep(opt_state, state.opt_state)
+    params = lora.join(params, frozen) if frozen else params
   metrics = {
     "loss": loss_sum / denom,
     "grad_norm": grad_norm,

@@ -31,6 +31,10 @@ RUNTIME_FIELDS = (
   "kv_bucket",
   "init_std",
   "scan_layers",
+  "lora_rank",  # adapters are added to weights from anywhere, not read from them
+  "lora_alpha",
+  "lora_dropout",
+  "lora_targets",
 )
 
 
