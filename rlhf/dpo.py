@@ -3,6 +3,7 @@ reference logprobs computed once, before training, and stored with the pairs."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -12,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from data import chat
-from model import axes
+from model import axes, layers
 from model.logprobs import token_logprobs
 from rlhf.reward import RMDataConfig, pair_texts, preference_pairs
 from train import metrics, optim
@@ -163,14 +164,17 @@ class DPO(stagelib.BatchStage):
 
     # The reference scores every pair now, then is dropped.
     t0 = time.perf_counter()
-    if source is None:  # the reference is the policy's initial weights
+    base = self.model_cfg.lora_rank > 0  # a LoRA policy's base weights: its adapters off
+    if base:
+      ref_graphdef, ref_params = self.graphdef, self.model.state.params
+    elif source is None:  # the reference is the policy's initial weights
       ref_graphdef = self.graphdef
       ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(self.model.state.params)
     else:
       ref_graphdef, ref_params, _ = stagelib.frozen_params("lm", self.model_cfg, mesh, source)
-    self._add_reference(self.train_arrays, ref_graphdef, ref_params)
+    self._add_reference(self.train_arrays, ref_graphdef, ref_params, base)
     if self.val_arrays is not None:
-      self._add_reference(self.val_arrays, ref_graphdef, ref_params)
+      self._add_reference(self.val_arrays, ref_graphdef, ref_params, base)
     del ref_params
     self.reference_s = time.perf_counter() - t0  # the one-off reference pass, compile included
 
@@ -186,6 +190,7 @@ class DPO(stagelib.BatchStage):
         grad_accum=self.opt_cfg.grad_accum,
         grad_reduce=mesh.grad_reduce,
         count_name="pairs",
+        trainable=self.model.trainable,
         **common,
       )
     }
@@ -206,13 +211,15 @@ class DPO(stagelib.BatchStage):
       worker_count=dc.worker_count,
     )
 
-  def _add_reference(self, arrays: dict, graphdef, params) -> None:
+  def _add_reference(self, arrays: dict, graphdef, params, adapters_off=False) -> None:
     """Adds ref_chosen and ref_rejected (R,): the reference's sequence logprobs of each pair,
-    in batches of data.eval_batch_size, without dropout."""
+    in batches of data.eval_batch_size, without dropout (and with `adapters_off`, without the
+    LoRA adapters)."""
     mesh, dc = self.mesh, self.data_cfg
 
     def forward(p, batch):
-      with axes.axis_rules(mesh.mesh, mesh.rules):
+      off = layers.adapters_off() if adapters_off else contextlib.nullcontext()
+      with axes.axis_rules(mesh.mesh, mesh.rules), off:
         logp_c_B, logp_r_B, _ = sequence_logprobs(nnx.merge(graphdef, p), batch)
       return logp_c_B, logp_r_B
 

@@ -267,7 +267,9 @@ class GRPO(OnlineStage):
     self.score_policy = not rl.on_policy or (rl.beta > 0 and rl.kl_penalty == "reward")
     exact = self.model_cfg.vocab_size <= rl.exact_kl_vocab
     mesh = self.mesh
-    self.forward = jit_forward(self.graphdefs, mesh.mesh, mesh.rules, rl.temperature, exact)
+    self.forward = jit_forward(
+      self.graphdefs, mesh.mesh, mesh.rules, rl.temperature, exact, self.ref_is_base
+    )
     self.advantages = jax.jit(functools.partial(_advantages, cfg=rl))
 
   def models(self):

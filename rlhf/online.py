@@ -138,13 +138,17 @@ class OnlineStage(stagelib.Stage):
       policy_kind, self.model_cfg, self.opt_cfg, mesh, tc.seed, source
     )
     self.graphdefs = {"policy": self.policy.graphdef}
-    self.ref_params = None
+    self._ref_params = None
+    # A LoRA policy is its own reference: its base weights, with the adapters off.
+    self.ref_is_base = reference and self.model_cfg.lora_rank > 0
     if reference:
       self.graphdefs["ref"] = self.policy.graphdef
-      if source is None:  # the reference is the policy's initial weights
-        self.ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(self.policy.state.params)
+      if self.ref_is_base:
+        pass  # no second copy of the model
+      elif source is None:  # the reference is the policy's initial weights
+        self._ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(self.policy.state.params)
       else:
-        self.graphdefs["ref"], self.ref_params, _ = stagelib.frozen_params(
+        self.graphdefs["ref"], self._ref_params, _ = stagelib.frozen_params(
           "lm", self.model_cfg, mesh, source
         )
 
@@ -192,6 +196,12 @@ class OnlineStage(stagelib.Stage):
     )
 
   samples_per_prompt = 1  # responses sampled per prompt
+
+  @property
+  def ref_params(self):
+    """The reference's parameters: a frozen copy, or a LoRA policy's own (scored with its
+    adapters off, `ref_is_base`), or None without a reference."""
+    return self.states["policy"].params if self.ref_is_base else self._ref_params
 
   def rollout(self, prompt_BxP, prompt_mask_BxP) -> rollout.Rollout:
     """Samples `samples_per_prompt` responses per prompt with the current policy; the key derives from

@@ -124,7 +124,9 @@ class PPO(OnlineStage):
         "critic": stagelib.train_step(self.critic, mesh, CRITIC_KEYS, ppo_value_loss_fn(rl)),
       }
     exact = self.model_cfg.vocab_size <= rl.exact_kl_vocab
-    self.forward = jit_forward(graphdefs, mesh.mesh, mesh.rules, rl.temperature, exact)
+    self.forward = jit_forward(
+      graphdefs, mesh.mesh, mesh.rules, rl.temperature, exact, self.ref_is_base
+    )
     self.advantages = jax.jit(
       functools.partial(
         advantages,

@@ -222,6 +222,7 @@ class RewardModel(stagelib.BatchStage):
         grad_accum=self.opt_cfg.grad_accum,
         grad_reduce=self.mesh.grad_reduce,
         count_name="pairs",
+        trainable=self.model.trainable,
         **common,
       )
     }

@@ -3,13 +3,14 @@ reward model's score, then per-token rewards and advantages. Frozen models appea
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes
+from model import axes, layers
 from model.logprobs import token_logprobs
 from rlhf.gae import gae, masked_mean, masked_var, whiten
 from rlhf.kl import kl_estimate
@@ -18,11 +19,23 @@ from rlhf.reward import score as reward_score
 
 
 def forward(
-  policy, ref, critic, reward, batch, *, graphdefs, temperature: float, exact_kl: bool, mesh, rules
+  policy,
+  ref,
+  critic,
+  reward,
+  batch,
+  *,
+  graphdefs,
+  temperature: float,
+  exact_kl: bool,
+  mesh,
+  rules,
+  ref_adapters_off: bool = False,
 ):
   """The rollout's forward passes, each for a model that is not None: the policy's (old) and
   the reference's logprobs of each response token, the critic's values, the reward model's
-  score, and with both policy and reference the exact KL per token."""
+  score, and with both policy and reference the exact KL per token. `ref_adapters_off`: the
+  reference is the LoRA policy's own parameters with its adapters off (its base weights)."""
   with axes.axis_rules(mesh, rules):
     targets = response_targets(batch)
     out = {}
@@ -30,7 +43,8 @@ def forward(
       policy_logits = response_logits(nnx.merge(graphdefs["policy"], policy), batch)
       out["old_logprobs"] = token_logprobs(policy_logits, targets, temperature)
     if ref is not None:
-      ref_logits = response_logits(nnx.merge(graphdefs["ref"], ref), batch)
+      with layers.adapters_off() if ref_adapters_off else contextlib.nullcontext():
+        ref_logits = response_logits(nnx.merge(graphdefs["ref"], ref), batch)
       out["ref_logprobs"] = token_logprobs(ref_logits, targets, temperature)
     if critic is not None:
       out["values"] = response_values(nnx.merge(graphdefs["critic"], critic), batch)
@@ -46,7 +60,7 @@ def forward(
   return out
 
 
-def jit_forward(graphdefs, mesh, rules, temperature: float, exact_kl: bool):
+def jit_forward(graphdefs, mesh, rules, temperature: float, exact_kl: bool, ref_adapters_off=False):
   return jax.jit(
     functools.partial(
       forward,
@@ -55,6 +69,7 @@ def jit_forward(graphdefs, mesh, rules, temperature: float, exact_kl: bool):
       exact_kl=exact_kl,
       mesh=mesh,
       rules=rules,
+      ref_adapters_off=ref_adapters_off,
     )
   )
 

@@ -277,11 +277,6 @@ def _loader(kind, cfg, mesh: Mesh, seed, source, head_init):
     target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, param_shardings
     )
-    if source.model_cfg.lora_rank:
-      raise ValueError(
-        f"{source.describe()} holds LoRA adapters without their base weights; start from "
-        f"the merged model (python -m model.convert merge), or resume that run"
-      )
     # LoRA adapters start fresh on weights that have none.
     base, _ = lora.split(target, lambda path: not lora.is_adapter(path))
     params = weights.read_params(source, kind, base, cfg)

@@ -270,12 +270,61 @@ def read_params(source: Source, kind: str, target: dict, cfg: ModelConfig) -> di
     want = {k: v for k, v in target.items() if k != "value_head"}
   else:  # an LM from an LM with a value head reads all but that head
     want = target
-  if source.format == "hf":
+  if source.model_cfg.lora_rank:
+    got = _read_lora(source, want)
+  elif source.format == "hf":
     got = _read_hf(source, want, cfg.scan_layers)
   else:
     got = _read_checkpoint(source, want)
   got = jax.tree.map(lambda x, t: x.astype(t.dtype), got, want)
   return {"trunk": got} if kind == "scalar" and source.kind in LM_KINDS else got
+
+
+def _read_lora(source: Source, want: dict) -> dict:
+  """A LoRA run's parameters named by `want` (a plain model's, in the source's layout), with
+  its adapters folded into their kernels: the base weights from the run's own train.init_from
+  (resolved again, so a chain of runs works), the adapters and heads from its checkpoint."""
+  from model import lora
+
+  train_cfg = source.config.get("train", {})
+  if not train_cfg.get("init_from"):
+    raise ValueError(
+      f"{source.describe()} trained LoRA adapters on a random init (no train.init_from): "
+      f"there are no base weights to fold them into"
+    )
+  field = f"train.init_from of {source.path}"
+  base_source = resolve(
+    train_cfg["init_from"], train_cfg.get("init_step", 0), train_cfg.get("init_state", ""), field
+  )
+  plain_cfg = source.model_cfg.replace(lora_rank=0)
+  trained_want, base_want = lora.split(want, lora.trains)
+  base = read_params(base_source, source.kind, base_want, plain_cfg) if base_want else {}
+  # The adapters (small) are read whole onto every device of `want`'s mesh, then folded into
+  # the kernels on the kernels' shardings.
+  sharding = jax.tree.leaves(want)[0].sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  has_kernel = lambda path: path[-1] not in lora.ADAPTERS or _has(want, path[:-1] + ("kernel",))
+  trained, _ = lora.split(
+    abstract_params(source.kind, source.model_cfg),
+    lambda path: (
+      lora.trains(path) and has_kernel(path) and (lora.is_adapter(path) or _has(want, path))
+    ),
+  )
+  trained = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), trained
+  )
+  got = lora.join(base, _read_checkpoint(source, trained))
+  out_shardings = jax.tree.map(lambda x: x.sharding, want)
+  return jax.jit(lambda p: lora.merge(p, source.model_cfg)[0], out_shardings=out_shardings)(got)
+
+
+def _has(tree: dict, path: tuple) -> bool:
+  for key in path:
+    if not isinstance(tree, dict) or key not in tree:
+      return False
+    tree = tree[key]
+  return True
 
 
 def load_for_inference(
@@ -289,17 +338,18 @@ def load_for_inference(
 
   source = resolve(workdir, step or 0, state, field="workdir")
   kind = "lm" if source.kind == "lm_value" else source.kind  # the policy without its critic
-  abstract = abstract_params(kind, source.model_cfg)
+  cfg = source.model_cfg.replace(lora_rank=0)  # a LoRA run's adapters come folded in
+  abstract = abstract_params(kind, cfg)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
   else:
     rules = partitioning.validate_rules(rules, mesh)
-    model = nnx.eval_shape(lambda: make_model(kind, source.model_cfg, 0))
+    model = nnx.eval_shape(lambda: make_model(kind, cfg, 0))
     specs = partitioning.param_specs(nnx.split(model)[1], mesh, rules)
     shardings = nnx.to_pure_dict(partitioning.to_shardings(specs, mesh))
   target = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
   )
-  params = _read_checkpoint(source, target)
-  return source.model_cfg, source.config.get("data", {}), params, source.tokenizer
+  params = read_params(source, kind, target, cfg)
+  return cfg, source.config.get("data", {}), params, source.tokenizer
