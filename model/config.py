@@ -58,6 +58,8 @@ class ModelConfig:
   lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
   lora_dropout: float = 0.0  # dropout on the adapters' input while training
   lora_targets: tuple = ("q", "k", "v", "o")  # of q, k, v, o (attention), gate, up, down (MLP)
+  num_classes: int = 0  # a scalar-head model's outputs: 0 for one value (reward model,
+  # critic), k >= 2 for a k-way classifier
 
   def __post_init__(self):
     positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
@@ -119,6 +121,9 @@ class ModelConfig:
     if self.init_std <= 0:
       raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std}")
     self._check_lora()
+    k = self.num_classes
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0 or k == 1:
+      raise ValueError(f"ModelConfig.num_classes must be 0 or an int >= 2, got {k!r}")
 
   def _check_lora(self):
     r = self.lora_rank

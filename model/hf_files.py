@@ -155,7 +155,7 @@ def load_ours(ckpt_dir: str) -> tuple[ModelConfig, dict, str | None]:
     raise ConversionError(
       f"{ckpt_dir} has no {MANIFEST}: not a folder that `python -m model.convert import` wrote"
       + (
-        " (a training workdir's checkpoints do not export yet)"
+        " (a training workdir exports with python -m train.export --workdir=DIR --out=OUT)"
         if os.path.isdir(os.path.join(ckpt_dir, "checkpoints"))
         else ""
       )

@@ -209,7 +209,8 @@ HEAD_INITS = ("reward", "zero")
 
 class ScalarModel(nnx.Module):
   """The trunk with a scalar head: a value per token (value model) or read at the last real
-  token with `last_token_values` (reward model)."""
+  token with `last_token_values` (reward model). With cfg.num_classes = k, the head gives k
+  logits per token instead (a classifier, read at the last real token alike)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, head_init: str = "reward"):
     if head_init not in HEAD_INITS:
@@ -219,20 +220,32 @@ class ScalarModel(nnx.Module):
     # A reward head starts at N(0, 1/sqrt(d+1)) (lm-human-preferences); a value head at zero,
     # so the first advantages are the rewards themselves.
     std = 1.0 / (cfg.d_model + 1) ** 0.5 if head_init == "reward" else 0.0
+    self.classes = cfg.num_classes
     self.head = Dense(
-      (cfg.d_model,), (1,), (axes.EMBED,), (None,), cfg, rngs=rngs, std=std, use_bias=True
+      (cfg.d_model,),
+      (max(self.classes, 1),),
+      (axes.EMBED,),
+      (None,),
+      cfg,
+      rngs=rngs,
+      std=std,
+      use_bias=True,
     )
 
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, dropout_rng=None):
+    """[B, L] values, or [B, L, k] logits for a classifier."""
     h_BxLxD, _ = self.trunk.hidden(
       tokens_BxL, positions_BxL, segment_ids_BxL, dropout_rng=dropout_rng
     )
-    return self.head(h_BxLxD)[..., 0].astype(jnp.float32)
+    out = self.head(h_BxLxD).astype(jnp.float32)
+    return out if self.classes else out[..., 0]
 
 
 def last_token_values(values_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
-  """The value at each row's last position where mask is set (the reward of a sequence)."""
+  """The value at each row's last position where mask is set (the reward of a sequence):
+  [B] from [B, L], or [B, k] from [B, L, k] (a classifier's logits)."""
   l = values_BxL.shape[1]
   last_B = jnp.max(jnp.where(mask_BxL > 0, jnp.arange(l)[None, :], -1), axis=1)
   last_B = jnp.maximum(last_B, 0)
-  return jnp.take_along_axis(values_BxL, last_B[:, None], axis=1)[:, 0]
+  index = last_B.reshape((-1, 1) + (1,) * (values_BxL.ndim - 2))
+  return jnp.take_along_axis(values_BxL, index, axis=1)[:, 0]

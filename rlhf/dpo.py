@@ -16,7 +16,7 @@ from data import chat
 from model import axes, layers
 from model.logprobs import token_logprobs
 from rlhf.reward import RMDataConfig, pair_texts, preference_pairs
-from train import metrics, optim
+from train import distributed, metrics, optim
 from train import stage as stagelib
 from train import step as steplib
 from train.pretrain import check_query_blocks, lm_model_config
@@ -114,14 +114,6 @@ def make_loss_fn(cfg: DPOConfig):
 
 def _batch_shardings(mesh: stagelib.Mesh) -> dict:
   return {k: mesh.batch_sharding(1 if k in REF_KEYS else 2) for k in DPO_KEYS}
-
-
-def _gather(x) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 class DPO(stagelib.BatchStage):
@@ -230,8 +222,8 @@ class DPO(stagelib.BatchStage):
     chosen, rejected = [], []
     for batch in chat.padded_batches(rows, dc.eval_batch_size, block=block, blocks=blocks):
       logp_c_B, logp_r_B = forward(params, mesh.shard(batch))
-      chosen.append(_gather(logp_c_B))
-      rejected.append(_gather(logp_r_B))
+      chosen.append(distributed.gather(logp_c_B))
+      rejected.append(distributed.gather(logp_r_B))
     arrays["ref_chosen"] = np.concatenate(chosen)[:n].astype(np.float32)
     arrays["ref_rejected"] = np.concatenate(rejected)[:n].astype(np.float32)
 

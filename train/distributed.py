@@ -146,3 +146,12 @@ def any_process(flags: Sequence[bool], step: int, every: int) -> tuple[bool, ...
 
   gathered = multihost_utils.process_allgather(np.asarray(flags, dtype=np.int32))
   return tuple(bool(x) for x in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
+
+
+def gather(x) -> np.ndarray:
+  """A global array's rows on this host: all of them, from every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))

@@ -20,10 +20,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from model import axes
+from model import axes, lora
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train import optim, partitioning
+from train import step as steplib
 
 LAYOUTS = ("dp", "fsdp", "tp", "fsdp_tp", "dp_fsdp_tp")
 
@@ -127,10 +128,21 @@ def plan(
   sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
   param_bytes = sum(_nbytes(p.shape, p.dtype, s) for (_, p), s in zip(leaves, sharding_leaves))
   total_bytes = sum(p.size * p.dtype.itemsize for _, p in leaves)
+  # With LoRA only the adapters (and heads) have gradients and optimizer state.
+  trainable = lora.trains if cfg.lora_rank else None
+  trained, _ = steplib.trained_part(params, trainable)
+  trained_shardings, _ = steplib.trained_part(shardings, trainable)
+  grad_bytes = sum(
+    _nbytes(p.shape, p.dtype, s)
+    for p, s in zip(
+      jax.tree.leaves(trained),
+      jax.tree.leaves(trained_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)),
+    )
+  )
 
   opt_cfg = opt_cfg or optim.OptimConfig()
-  abstract_opt = jax.eval_shape(optim.make_optimizer(opt_cfg, params).init, params)
-  opt_shardings = partitioning.opt_state_shardings(abstract_opt, shardings, mesh)
+  abstract_opt = jax.eval_shape(optim.make_optimizer(opt_cfg, trained).init, trained)
+  opt_shardings = partitioning.opt_state_shardings(abstract_opt, trained_shardings, mesh)
   opt_leaves = jax.tree.leaves(abstract_opt)
   opt_bytes = sum(
     _nbytes(x.shape, x.dtype, s)
@@ -160,16 +172,18 @@ def plan(
     "devices": n_devices,
     "mesh": dict(mesh.shape),
     "n_params": sum(p.size for _, p in leaves),
+    "n_trained": sum(p.size for p in jax.tree.leaves(trained)),
     "param_bytes_total": total_bytes,
     "param_bytes": param_bytes,
-    "grad_bytes": param_bytes,
+    "grad_bytes": grad_bytes,
     "opt_bytes": opt_bytes,
     "opt_bytes_total": sum(x.size * x.dtype.itemsize for x in opt_leaves),
     "activation_bytes": act,
     "microbatch_rows": rows,
     "rows_per_device": rows // partitioning.batch_divisor(mesh, layout.rules),
-    "total_bytes": 2 * param_bytes + opt_bytes + act,
+    "total_bytes": param_bytes + grad_bytes + opt_bytes + act,
     "groups": groups,
+    "args": (layout, n_devices, batch, seq_len, grad_accum, opt_cfg),
   }
 
 
@@ -201,8 +215,16 @@ def format_plan(p: dict, cfg: ModelConfig) -> str:
     f"  activations  {_size(p['activation_bytes']):>12} /device per microbatch "
     f"(estimate, remat={cfg.remat}, attention={cfg.attention_impl})",
     f"  total        {_size(p['total_bytes']):>12} /device",
-    "  partition specs:",
   ]
+  if cfg.lora_rank:
+    full = plan(cfg.replace(lora_rank=0), *p["args"])
+    lines.append(
+      f"  LoRA r={cfg.lora_rank} on {','.join(cfg.lora_targets)}: {p['n_trained']:,} of "
+      f"{p['n_params']:,} parameters train; full fine-tuning: grads "
+      f"{_size(full['grad_bytes'])}, optimizer {_size(full['opt_bytes'])}, total "
+      f"{_size(full['total_bytes'])} /device"
+    )
+  lines.append("  partition specs:")
   width = max(len(n) for n in p["groups"])
   lines.append(
     f"    {'parameter':<{width}} {'':>4} {'shape':<22} {'logical axes':<34} "

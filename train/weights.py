@@ -35,6 +35,7 @@ RUNTIME_FIELDS = (
   "lora_alpha",
   "lora_dropout",
   "lora_targets",
+  "num_classes",  # a classifier's head is new on any trunk
 )
 
 

@@ -264,7 +264,7 @@ CASES = {
   "export a training workdir": (
     "model.convert",
     ["export", "--ckpt={root}/run", "--out={root}/c"],
-    r"run has no fromscratch.json: .*training workdir's checkpoints do not export yet",
+    r"run has no fromscratch.json: .*training workdir exports with python -m train.export",
   ),
 }
 USAGE = {  # argparse's own errors: exit status 2

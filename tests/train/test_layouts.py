@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import axes
+from model import axes, lora
 from model.config import preset
 from model.transformer import Transformer
 from train import losses, optim, partitioning
@@ -59,6 +59,7 @@ def build(layout, devices, grad_accum=1, cfg=CFG, grad_reduce="xla"):
     clip_norm=CLIP,
     grad_accum=grad_accum,
   )
+  trainable = lora.trains if cfg.lora_rank else None
   graphdef, state, state_shardings, optimizer = steplib.init_sharded(
     lambda: Transformer(cfg, rngs=nnx.Rngs(0)),
     opt_cfg,
@@ -66,6 +67,7 @@ def build(layout, devices, grad_accum=1, cfg=CFG, grad_reduce="xla"):
     rules,
     seed=0,
     grad_reduce=grad_reduce,
+    trainable=trainable,
   )
   batch_shardings = {k: partitioning.batch_sharding(mesh, rules) for k in batches()[0]}
   step = steplib.jit_train_step(
@@ -79,6 +81,7 @@ def build(layout, devices, grad_accum=1, cfg=CFG, grad_reduce="xla"):
     mesh=mesh,
     rules=rules,
     grad_reduce=grad_reduce,
+    trainable=trainable,
   )
   return mesh, state, step
 
@@ -133,6 +136,7 @@ def logical_axes_by_path(cfg=CFG):
 
 
 DROPOUT = {"dropout": 0.2, "attention_dropout": 0.2, "dropout_prng": "hash"}
+LORA = {"lora_rank": 4, "lora_targets": ("q", "k", "v", "o", "gate", "up", "down")}
 # Each case: layout file, mesh size overrides, device count, the mesh expected, and optionally
 # grad_accum, model field overrides, grad_reduce, and the one-device reference's grad_accum
 # ("ref_accum", default 1: a plain single batch).
@@ -155,6 +159,11 @@ CASES = {
   "dp2_fsdp2_tp2_hash_dropout": dict(
     layout="dp_fsdp_tp", devices=8, model=DROPOUT, mesh={"data": 2, "fsdp": 2, "tensor": 2}
   ),
+  # LoRA adapters shard with their kernels' axes; only they train.
+  "fsdp8_lora": dict(
+    layout="fsdp", devices=8, model=LORA, mesh={"data": 1, "fsdp": 8, "tensor": 1}
+  ),
+  "tp4_lora": dict(layout="tp", devices=4, model=LORA, mesh={"data": 1, "fsdp": 1, "tensor": 4}),
   # grad_reduce 'flat': manual data parallelism with one flat all-reduce.
   "dp8_flat": dict(
     layout="dp", devices=8, grad_reduce="flat", mesh={"data": 8, "fsdp": 1, "tensor": 1}

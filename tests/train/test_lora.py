@@ -122,6 +122,14 @@ def test_a_lora_run_loads_merged_and_is_a_base_for_the_next_stage(tmp_path):
   base_params = jax.device_get(stage.states["model"].params)
   assert float(jnp.abs(adapted - nnx.merge(stage.graphdef, base_params)(tokens)).max()) > 1e-4
   np.testing.assert_allclose(plain, adapted, rtol=1e-5, atol=1e-5)
+  # Exported for transformers, the folded weights come back as they were.
+  from model import convert, hf_files
+  from train.export import export
+
+  export(str(tmp_path / "lora"), str(tmp_path / "hf"))
+  _, back = convert.hf_to_params(*hf_files.read_hf(str(tmp_path / "hf")))
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(jax.device_get(merged))):
+    np.testing.assert_array_equal(a, b)
 
   write_pairs(tmp_path / "pairs.jsonl", 24, seed=2)
   refs = []

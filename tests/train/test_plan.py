@@ -120,3 +120,24 @@ def test_command_line():
   assert "fsdp_tp on 8 devices (mesh data=1 fsdp=4 tensor=2)" in out.stdout
   assert "fsdp_tp on 16 devices: ERROR mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in out.stdout
   assert "dp on 16 devices (mesh data=16 fsdp=1 tensor=1)" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["llama_1b", "llama_7b"])
+def test_lora_plans_gradients_and_optimizer_for_the_adapters_alone(name):
+  """Against a count by hand: r (in + out) values per adapted projection per layer, with
+  gradients of that size and AdamW's two moments, beside full fine-tuning's."""
+  base = preset(name)
+  cfg = base.replace(lora_rank=8, lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
+  d, f, kv = base.d_model, base.d_ff, base.n_kv_heads * base.head_dim
+  per_layer = 8 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3)
+  adapters = base.n_layers * per_layer
+  lora_plan = planlib.plan(cfg, "dp", 8, 8, 512)
+  full = planlib.plan(base, "dp", 8, 8, 512)
+  assert lora_plan["n_trained"] == adapters
+  assert lora_plan["grad_bytes"] == 4 * adapters  # dp: each device holds all of them
+  assert lora_plan["opt_bytes"] == 2 * 4 * adapters + 8  # mu, nu; Adam's and the schedule's counts
+  assert full["grad_bytes"] == full["param_bytes"] == 4 * full["n_params"]
+  assert lora_plan["param_bytes"] == full["param_bytes"] + 4 * adapters
+  assert lora_plan["total_bytes"] < full["total_bytes"] - 2.9 * full["param_bytes"]
+  text = planlib.format_plan(lora_plan, cfg)
+  assert f"{adapters:,} of" in text and "full fine-tuning" in text
