@@ -54,6 +54,8 @@ def measure(cfg: ModelConfig, batch: int, seq: int, steps: int) -> dict:
   sharded = partitioning.shard_batch(data, mesh, layout.rules)
   compiled = step.lower(state, sharded).compile()
   memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
   size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   times = []
   for _ in range(steps + 1):
@@ -69,6 +71,7 @@ def measure(cfg: ModelConfig, batch: int, seq: int, steps: int) -> dict:
     "temporaries": memory.temp_size_in_bytes,
     "outputs": memory.output_size_in_bytes,
     "step_s": statistics.median(times[1:]),
+    "gflops": cost.get("flops", 0.0) / 1e9,
     "loss": float(metrics["loss"]),
   }
 
@@ -95,7 +98,8 @@ def main():
     print(
       f"{name:<10} trained {mib(r['trained'])} of {mib(r['params'])}; optimizer "
       f"{mib(r['opt_state'])}; compiled: arguments {mib(r['arguments'])}, temporaries "
-      f"{mib(r['temporaries'])}, outputs {mib(r['outputs'])}; step {r['step_s']:.2f} s "
+      f"{mib(r['temporaries'])}, outputs {mib(r['outputs'])}; {r['gflops']:.0f} GFLOP (XLA's "
+      f"count); step {r['step_s']:.2f} s "
       f"(median of {args.steps})",
       flush=True,
     )
@@ -103,7 +107,8 @@ def main():
   peak = lambda r: r["arguments"] + r["temporaries"]
   print(
     f"LoRA / full: peak (arguments + temporaries) {peak(adapted) / peak(full):.2f}x, "
-    f"step time {adapted['step_s'] / full['step_s']:.2f}x"
+    f"FLOPs {adapted['gflops'] / full['gflops']:.2f}x, step time "
+    f"{adapted['step_s'] / full['step_s']:.2f}x"
   )
 
 

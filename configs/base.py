@@ -19,6 +19,14 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
+def runtime_model(**fields) -> ml_collections.ConfigDict:
+  """config.model of a run that starts from weights (train.init_from): the architecture comes
+  from them, so only runtime fields are set: `fields`, and LoRA off (--config.model.lora_rank=8
+  turns it on; model/config.py documents each field)."""
+  lora = {k: v for k, v in dataclasses.asdict(preset("tiny")).items() if k.startswith("lora_")}
+  return ml_collections.ConfigDict({**lora, **fields})
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # The stage to train: a module with build(config, workdir), e.g. train.pretrain, train.sft.

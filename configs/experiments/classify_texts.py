@@ -14,7 +14,7 @@ def get_config():
   c.stage = "train.classify"
   # Started from weights, the model keeps their architecture: only how it runs is set here.
   # lora_rank > 0 trains adapters on lora_targets (and the head) instead of every weight.
-  c.model = ml_collections.ConfigDict({"dropout": 0.0, "lora_rank": 0, "lora_alpha": 16.0})
+  c.model = base.runtime_model(dropout=0.0)
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # JSONL of {"text": ..., "label": ...} (files, a directory or a glob)
   c.data.val_path = ""  # held-out texts; "" holds out val_fraction of data.path

@@ -11,7 +11,7 @@ def get_config():
   c = base.get_config()
   c.stage = "rlhf.dpo"
   # Started from weights, the model keeps their architecture: only how it runs is set here.
-  c.model = ml_collections.ConfigDict({"dropout": 0.0})
+  c.model = base.runtime_model(dropout=0.0)
   c.data = ml_collections.ConfigDict()
   # Preference JSONL: {"prompt", "chosen", "rejected"} (prompt a string or a messages list) or
   # Anthropic HH {"chosen", "rejected"} transcripts (any "margin" is ignored by DPO). Files, a

@@ -12,7 +12,7 @@ def get_config():
   c = base.get_config()
   c.stage = "rlhf.grpo"
   # Started from weights, the model keeps their architecture; RL turns dropout off itself.
-  c.model = ml_collections.ConfigDict({})
+  c.model = base.runtime_model()
   c.rlhf = ml_collections.ConfigDict()
   c.rlhf.prompts = ""  # prompt JSONL: {"prompt": text or messages, ...other fields kept}
   c.rlhf.prompt_field = "prompt"  # the field holding the prompt

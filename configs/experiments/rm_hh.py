@@ -12,7 +12,7 @@ def get_config():
   c = base.get_config()
   c.stage = "rlhf.reward"
   # Started from weights, the model keeps their architecture: only how it runs is set here.
-  c.model = ml_collections.ConfigDict({"dropout": 0.0})
+  c.model = base.runtime_model(dropout=0.0)
   c.data = ml_collections.ConfigDict()
   # Preference JSONL: {"prompt", "chosen", "rejected"} (prompt a string or a messages list) or
   # Anthropic HH {"chosen", "rejected"} transcripts, each with an optional number "margin" by

@@ -12,7 +12,7 @@ def get_config():
   c = base.get_config()
   c.stage = "train.sft"
   # Started from weights, the model keeps their architecture: only how it runs is set here.
-  c.model = ml_collections.ConfigDict({"dropout": 0.0})
+  c.model = base.runtime_model(dropout=0.0)
   c.data = ml_collections.ConfigDict()
   # Chat JSONL ({"messages": [...]} or {"prompt", "response"} per line: files, a directory or
   # a glob), or "shakespeare": the built-in dialogue of the plays (a speech, then the reply).

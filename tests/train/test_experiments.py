@@ -13,6 +13,7 @@ from rlhf.grpo import GRPOConfig
 from rlhf.ppo import PPOConfig
 from rlhf.reward import RMDataConfig
 from tests.model.conftest import param_count
+from train.classify import ClassifyDataConfig
 from train.optim import OptimConfig
 from train.sft import SFTDataConfig
 from train.stage import TrainConfig, section
@@ -43,6 +44,7 @@ def test_experiment_config_is_valid(name):
   data_config = {
     "train.pretrain": DataConfig,
     "train.sft": SFTDataConfig,
+    "train.classify": ClassifyDataConfig,
     "rlhf.reward": RMDataConfig,
     "rlhf.dpo": RMDataConfig,
   }[c.stage]
