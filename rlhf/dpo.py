@@ -191,17 +191,7 @@ class DPO(stagelib.BatchStage):
     )
     self.tokens_per_iteration = 2 * dc.batch_size * dc.seq_len
     self.flops_per_token = metrics.flops_per_token(self.model_cfg, self.n_params, dc.seq_len)
-    block, blocks = mesh.block(dc.batch_size)
-    self._it = chat.array_iterator(
-      self.train_arrays,
-      self.train_stats,
-      kind="dpo",
-      batch_size=dc.batch_size // blocks,
-      seed=dc.seed,
-      process_index=block,
-      process_count=blocks,
-      worker_count=dc.worker_count,
-    )
+    self._it = self.batch_iterator("dpo")
 
   def _add_reference(self, arrays: dict, graphdef, params, adapters_off=False) -> None:
     """Adds ref_chosen and ref_rejected (R,): the reference's sequence logprobs of each pair,

@@ -231,17 +231,7 @@ class RewardModel(stagelib.BatchStage):
     )
     self.tokens_per_iteration = 2 * dc.batch_size * dc.seq_len
     self.flops_per_token = metrics.flops_per_token(self.model_cfg, self.n_params, dc.seq_len)
-    block, blocks = self.mesh.block(dc.batch_size)
-    self._it = chat.array_iterator(
-      self.train_arrays,
-      self.train_stats,
-      kind="reward",
-      batch_size=dc.batch_size // blocks,
-      seed=dc.seed,
-      process_index=block,
-      process_count=blocks,
-      worker_count=dc.worker_count,
-    )
+    self._it = self.batch_iterator("reward")
     self._score = jax.jit(self._in_rules(functools.partial(score, self.graphdef)))
     self._norm_rows = None  # the policy's samples (tokens_BxT, mask_BxT), drawn once
     self._norm: tuple[int, dict] | None = None  # (step, item) last computed

@@ -187,17 +187,7 @@ class Classify(stagelib.BatchStage):
     )
     self.tokens_per_iteration = dc.batch_size * dc.seq_len
     self.flops_per_token = metrics.flops_per_token(self.model_cfg, self.n_params, dc.seq_len)
-    block, blocks = self.mesh.block(dc.batch_size)
-    self._it = chat.array_iterator(
-      self.train_arrays,
-      self.train_stats,
-      kind="classify",
-      batch_size=dc.batch_size // blocks,
-      seed=dc.seed,
-      process_index=block,
-      process_count=blocks,
-      worker_count=dc.worker_count,
-    )
+    self._it = self.batch_iterator("classify")
 
   def _merge(self, params):
     from flax import nnx

@@ -109,17 +109,7 @@ class SFT(stagelib.BatchStage):
     )
     self.replies = _reply_prompts(held_out, dc.eval_replies)
     setup_lm(self, source, dc.seq_len, dc.batch_size)
-    block, blocks = self.mesh.block(dc.batch_size)
-    self._it = chat.array_iterator(
-      self.train_arrays,
-      self.train_stats,
-      kind="sft",
-      batch_size=dc.batch_size // blocks,
-      seed=dc.seed,
-      process_index=block,
-      process_count=blocks,
-      worker_count=dc.worker_count,
-    )
+    self._it = self.batch_iterator("sft")
     self.sampler = Sampler(self.graphdef, self.mesh.mesh, self.mesh.rules)
 
   @property

@@ -129,6 +129,24 @@ class BatchStage(Stage):
   def host_state(self) -> dict:
     return {"data": self._it.get_state()}
 
+  def batch_iterator(self, kind: str):
+    """The resumable iterator over `train_arrays` in batches of data.batch_size, this
+    process's block of each, shuffled by data.seed."""
+    from data import chat
+
+    dc = self.data_cfg
+    block, blocks = self.mesh.block(dc.batch_size)
+    return chat.array_iterator(
+      self.train_arrays,
+      self.train_stats,
+      kind=kind,
+      batch_size=dc.batch_size // blocks,
+      seed=dc.seed,
+      process_index=block,
+      process_count=blocks,
+      worker_count=dc.worker_count,
+    )
+
   def load_host_state(self, state: dict) -> None:
     from train import checkpoint as ckpt
 
