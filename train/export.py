@@ -10,14 +10,6 @@ from absl import flags, logging
 
 from train import cli
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a training run's workdir")
-_OUT = flags.DEFINE_string("out", None, "folder to write")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-_STATE = flags.DEFINE_string("state", "", "which of the run's models (default: its LM)")
-_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "ours"], "hf: safetensors for transformers")
-_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors file, e.g. 500MB")
-flags.mark_flags_as_required(["workdir", "out"])
-
 
 def export(workdir: str, out: str, fmt: str = "hf", step=None, state: str = "", shard="5GB"):
   """Writes the run's model (adapters folded in) to `out`; returns its ModelConfig."""
@@ -37,12 +29,25 @@ def export(workdir: str, out: str, fmt: str = "hf", step=None, state: str = "", 
   return cfg
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  cfg = export(_WORKDIR.value, _OUT.value, _FORMAT.value, _STEP.value, _STATE.value, _SHARD.value)
-  print(f"export: wrote {_OUT.value} ({_FORMAT.value}, {cfg.n_layers} layers)")
+def main():
+  # Flags are defined here, not on import: train.sample and train.chat define some of the same
+  # names, and a process (a test) may import them all.
+  workdir = flags.DEFINE_string("workdir", None, "a training run's workdir")
+  out = flags.DEFINE_string("out", None, "folder to write")
+  step = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+  state = flags.DEFINE_string("state", "", "which of the run's models (default: its LM)")
+  fmt = flags.DEFINE_enum("format", "hf", ["hf", "ours"], "hf: safetensors for transformers")
+  shard = flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors file, e.g. 500MB")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+  def run(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    cfg = export(workdir.value, out.value, fmt.value, step.value, state.value, shard.value)
+    print(f"export: wrote {out.value} ({fmt.value}, {cfg.n_layers} layers)")
+
+  cli.run(run)
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  main()

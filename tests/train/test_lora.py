@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 from flax import nnx
 
 from model import lora
@@ -179,31 +180,37 @@ def test_ppo_reference_is_the_base_with_adapters_off(tmp_path):
   assert float(np.abs(np.asarray(full["old_logprobs"]) - np.asarray(want))[mask].max()) > 1e-4
 
 
-def test_lora_sft_learns_reversal_on_a_base_that_echoes(tmp_path):
-  """The SFT test's task with known answers, by LoRA: a base fine-tuned in full to echo a
-  word (150 steps) learns to reverse it with rank-8 adapters alone (300 steps) to >= 90%
-  greedy exact match on 64 held-out words (100% on seeds 0, 1 and 2: docs/lora.md)."""
-  from tests.train.test_sft import exact_match
-  from train import loop
-  from train.weights import load_for_inference
+def stage_with_lora(kind, tmp_path):
+  """A stage of `kind` (from scratch, as its tests build it) with rank-4 adapters."""
+  from tests.rlhf.test_ppo import ppo_config
+  from tests.rlhf.test_reward import all_sum_pairs, rm_config, sum_pairs
 
-  words = reversal_chats(tmp_path / "train.jsonl", 4000, seed=0)
-  held_out = reversal_chats(tmp_path / "val.jsonl", 64, seed=1, exclude=set(words))
-  with open(tmp_path / "echo.jsonl", "w") as f:
-    for w in words:
-      f.write(json.dumps({"prompt": w, "response": w}) + "\n")
-  base = sft_config(tmp_path / "echo.jsonl", tmp_path / "val.jsonl", steps=150)
-  base.data.batch_size, base.opt.warmup_steps = 16, 20
-  loop.train(base, str(tmp_path / "base"))
-  c = sft_config(tmp_path / "train.jsonl", tmp_path / "val.jsonl", steps=300)
-  c.train.init_from = str(tmp_path / "base")
-  c.data.batch_size, c.opt.warmup_steps = 16, 20
-  c.model.lora_rank, c.model.lora_alpha, c.model.lora_targets = 8, 16.0, TARGETS
-  loop.train(c, str(tmp_path / "lora"))
-  c.model.lora_rank = 0  # replies from the folded weights, on the base's architecture
-  stage = build_stage(c, str(tmp_path / "eval"))
-  assert exact_match(stage, held_out) == 0.0, "the base echoes; it does not reverse"
-  mesh = stage.mesh
-  _, _, params, _ = load_for_inference(str(tmp_path / "lora"), mesh=mesh.mesh, rules=mesh.rules)
-  got = exact_match(stage, held_out, params)
-  assert got >= 0.9, f"held-out exact match {got:.2f} after LoRA SFT"
+  if kind == "reward":
+    sum_pairs(tmp_path / "pairs.jsonl", all_sum_pairs(seed=0)[:64])
+    c = rm_config(tmp_path / "pairs.jsonl")
+  else:
+    c = ppo_config(tmp_path, "tests.rlhf.test_ppo:letters_reward", response_len=3, critic=kind)
+  c.model.lora_rank, c.model.lora_targets = 4, TARGETS
+  c.opt.lr, c.opt.warmup_steps = 1e-2, 0
+  return build_stage(c, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("kind", ["reward", "separate"])
+def test_every_model_of_a_stage_trains_its_adapters_alone(tmp_path, kind):
+  """The reward model, and PPO's policy and separate critic (GRPO's policy takes PPO's
+  path): after an iteration every base weight is bitwise as before, and the adapters (with a
+  scalar model's head) moved."""
+  stage = stage_with_lora(kind, tmp_path)
+  before = {n: jax.device_get(s.params) for n, s in stage.states.items()}
+  for name, batch in stage.updates():
+    stage.states[name], _ = stage.steps[name](stage.states[name], batch)
+  for name, state in stage.states.items():
+    trained, base = lora.split(jax.device_get(state.params), lora.trains)
+    trained_before, base_before = lora.split(before[name], lora.trains)
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(base_before)):
+      np.testing.assert_array_equal(a, b)
+    moved = [bool(np.any(a != b)) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(trained_before))]  # fmt: skip
+    assert any(moved) and len(moved) >= 2 * len(TARGETS), (name, moved)
+    if "head" in trained:  # a scalar model's fresh head trains beside its adapters
+      heads = zip(jax.tree.leaves(trained["head"]), jax.tree.leaves(trained_before["head"]))
+      assert any(bool(np.any(a != b)) for a, b in heads), name
