@@ -26,6 +26,7 @@ from data import dedup, quality, sources
 from data.sources import DataError
 
 STATE, REPORT = "curate_state.pkl", "report.json"
+STATE_VERSION = 2  # what a saved state holds; a state of another version is refused
 PREVIEW = 120  # characters of a document shown in the report
 
 
@@ -97,7 +98,14 @@ def curate(
   """Curates `source` into `out_dir` (resuming a run that stopped) and returns the report.
   `stop_after` stops after that many documents, as a killed run would (for tests)."""
   os.makedirs(out_dir, exist_ok=True)
-  config = {**dataclasses.asdict(cfg), "source": source, "eval": sorted(map(str, eval_paths))}
+  config = {
+    **dataclasses.asdict(cfg),
+    "source": source,
+    "eval": sorted(map(str, eval_paths)),
+    "text_field": text_field,
+    "eval_field": eval_field,
+    "state_version": STATE_VERSION,
+  }
   state = _resume(out_dir, config) or _State(
     config=config,
     near=dedup.NearDuplicates(cfg.threshold, cfg.shingle, cfg.bands, cfg.rows, cfg.seed),

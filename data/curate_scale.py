@@ -327,18 +327,29 @@ def curate_at_scale(source, out_dir, cfg=CurateConfig(), eval_paths=(), text_fie
   """Runs the four stages on datatrove's local executor (resuming a run that stopped) and
   returns the report, which equals data.curate.curate's on the same input and config.
   `stop_after_stage` (1-4) stops there and returns {}, as a run stopped then would (tests)."""
-  config = {**dataclasses.asdict(cfg), "source": source, "eval": sorted(map(str, eval_paths))}
+  config = {
+    **dataclasses.asdict(cfg),
+    "source": source,
+    "eval": sorted(map(str, eval_paths)),
+    "text_field": text_field,
+    "eval_field": eval_field,
+    "state_version": curate.STATE_VERSION,
+  }
+  files = _input_files(source)
+  # What splits the work: a resume with other tasks or files would mix two splits.
+  layout = {"tasks": max(1, min(tasks, len(files))), "files": files}
   work = get_datafolder(os.path.join(out_dir, "work"))
   if work.exists("config.json"):
     with work.open("config.json", "r") as f:
       before = json.load(f)
-    if before != json.loads(json.dumps(config)):
+    if before != json.loads(json.dumps({**config, **layout})):
+      changed = sorted(k for k, v in {**config, **layout}.items() if before.get(k) != v)
       raise DataError(
-        f"{out_dir} holds a curation stopped under another config; use another --out, or "
-        f"delete {os.path.join(out_dir, 'work')} to start over"
+        f"{out_dir} holds a curation stopped under another config ({', '.join(changed)} "
+        f"differ); use another --out, or delete {os.path.join(out_dir, 'work')} to start over"
       )
   else:
-    _dump(work, "config.json", config)
+    _dump(work, "config.json", {**config, **layout})
   steps = executors(source, out_dir, cfg, eval_paths, text_field, eval_field, tasks, workers)
   if stop_after_stage is not None:
     steps[stop_after_stage - 1].run()

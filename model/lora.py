@@ -17,6 +17,11 @@ ADAPTERS = ("lora_a", "lora_b")
 HEADS = ("head", "value_head")  # fresh scalar heads train in full beside the adapters
 
 
+def settings(cfg: ModelConfig) -> dict:
+  """The LoRA fields of a config (rank, alpha, dropout, targets)."""
+  return {k: getattr(cfg, k) for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+
+
 def is_adapter(path: tuple) -> bool:
   return bool(path) and path[-1] in ADAPTERS
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import lora
 from rlhf import rollout
 from rlhf.kl import CONTROLLERS, ESTIMATORS, KLController
 from rlhf.objectives import ppo_policy_loss_fn, ppo_shared_loss_fn, ppo_value_loss_fn
@@ -101,7 +102,11 @@ class PPO(OnlineStage):
       critic_cfg = (
         self.model_cfg
         if critic_source is None
-        else dataclasses.replace(critic_source.model_cfg, **NO_DROPOUT)
+        # The run's LoRA setting, not its source's: a critic from a plain model trains
+        # adapters when the policy does, and one from a LoRA run trains in full when not.
+        else dataclasses.replace(
+          critic_source.model_cfg, **NO_DROPOUT, **lora.settings(self.model_cfg), num_classes=0
+        )
       )
       critic_opt = self.opt_cfg
       if rl.critic_lr:  # the whole schedule scaled, so final_lr / lr is kept

@@ -80,16 +80,17 @@ def class_names(examples, labels: str) -> list[str]:
   return names
 
 
-def encode(examples, tokenizer, names: list[str], seq_len: int) -> tuple[dict, dict]:
+def encode(examples, tokenizer, names: list[str], seq_len: int, ids: bool) -> tuple[dict, dict]:
   """Arrays tokens and mask [N, seq_len] (texts cut to their first seq_len tokens, padded on
-  the right) and labels [N]; stats of rows and texts cut."""
+  the right) and labels [N]; stats of rows and texts cut. With `ids`, an int label is a
+  class's position in `names`; else every label is matched by name."""
   index = {n: i for i, n in enumerate(names)}
   tokens = np.full((len(examples), seq_len), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(examples), seq_len), np.int32)
   labels = np.zeros(len(examples), np.int32)
   cut = 0
   for row, (text, label, where) in enumerate(examples):
-    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(names):
+    if ids and isinstance(label, int) and 0 <= label < len(names):
       labels[row] = label
     elif str(label) in index:
       labels[row] = index[str(label)]
@@ -156,6 +157,8 @@ class Classify(stagelib.BatchStage):
     else:
       examples, held_out = chat.split_held_out(examples, dc.val_fraction, dc.seed)
     self.names = class_names(examples + held_out, dc.labels)
+    # Int labels are positions when the names are given or every label is an int.
+    ids = bool(dc.labels) or all(isinstance(label, int) for _, label, _ in examples + held_out)
     texts = [t for t, _, _ in examples + held_out]
     self.tokenizer = stagelib.stage_tokenizer(dc.tokenizer, dc.vocab_size, source, texts, workdir)
     fields = {**dict(config.model), "num_classes": len(self.names)}
@@ -168,10 +171,9 @@ class Classify(stagelib.BatchStage):
     self.mesh = stagelib.make_mesh(config)
     self.mesh.check_batch("data.batch_size", dc.batch_size, self.opt_cfg.grad_accum)
     self.mesh.check_batch("data.eval_batch_size", dc.eval_batch_size)
-    self.train_arrays, self.train_stats = encode(examples, self.tokenizer, self.names, dc.seq_len)
-    self.val_arrays = None
-    if held_out:
-      self.val_arrays, _ = encode(held_out, self.tokenizer, self.names, dc.seq_len)
+    names, tok = self.names, self.tokenizer
+    self.train_arrays, self.train_stats = encode(examples, tok, names, dc.seq_len, ids)
+    self.val_arrays = encode(held_out, tok, names, dc.seq_len, ids)[0] if held_out else None
     self.model = stagelib.build_model(
       "scalar", self.model_cfg, self.opt_cfg, self.mesh, tc.seed, source, head_init="zero"
     )

@@ -252,3 +252,5 @@ def test_datatrove_executor_resumes_and_refuses_another_config(corpus, tmp_path)
   assert parts(out) == parts(tmp_path / "whole")
   with pytest.raises(sources.DataError, match="another config"):
     curate_scale.curate_at_scale(source, out, CurateConfig(threshold=0.7), tasks=2)
+  with pytest.raises(sources.DataError, match="tasks differ"):  # another split of the files
+    curate_scale.curate_at_scale(source, out, cfg, tasks=1)

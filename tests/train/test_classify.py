@@ -64,6 +64,17 @@ def test_ids_and_names_and_bad_records(tmp_path):
   top = max(label for _, label, _ in examples)
   assert classify.class_names(examples, "") == [str(i) for i in range(top + 1)]
   assert classify.class_names(examples, "a,b,c,d") == ["a", "b", "c", "d"]
+  # Names found by sorting: an int label is a name too, never a position in the sorted list.
+  mixed = [("ab", 1, "x:1"), ("cd", "10", "x:2"), ("ef", "2", "x:3")]
+  names = classify.class_names(mixed, "")
+  assert names == ["1", "10", "2"]
+
+  class Chars:
+    pad_id = 0
+    encode = staticmethod(lambda text: [ord(c) for c in text])
+
+  arrays, _ = classify.encode(mixed, Chars(), names, 4, ids=False)
+  assert arrays["labels"].tolist() == [0, 1, 2]
   with open(tmp_path / "bad.jsonl", "w") as f:
     f.write(json.dumps({"text": "abc", "label": "low"}) + "\n")
     f.write(json.dumps({"text": "abc", "label": 1.5}) + "\n")
