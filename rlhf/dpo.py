@@ -230,7 +230,7 @@ class DPO(stagelib.BatchStage):
   def evaluate(self, params=None) -> dict:
     """Held-out DPO loss, implicit rewards, their margin and accuracy, and logprobs, per pair."""
     totals = self.held_out_totals(params)
-    return {} if totals is None else stagelib.pair_eval_result(totals, "dpo_loss")
+    return {} if totals is None else metrics.pair_eval_result(totals, "dpo_loss")
 
 
 def build(config, workdir: str) -> DPO:

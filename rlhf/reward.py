@@ -273,7 +273,7 @@ class RewardModel(stagelib.BatchStage):
   def evaluate(self, params=None) -> dict:
     """Held-out loss, pairwise accuracy (chosen scored above rejected) and mean reward gap."""
     totals = self.held_out_totals(params)
-    return {} if totals is None else stagelib.pair_eval_result(totals, "bt_loss")
+    return {} if totals is None else metrics.pair_eval_result(totals, "bt_loss")
 
   # ------------------------------------------------------------ normalisation
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -150,3 +151,38 @@ def plot_losses(metrics_path: str, out_png: str) -> str:
   fig.savefig(out_png, dpi=120)
   plt.close(fig)
   return out_png
+
+
+def sum_eval(eval_step_fn, params, batches, mesh, max_batches: int = 0) -> dict:
+  """Sums of eval_step's outputs over host batches (each this process's rows), pairs summed
+  member by member."""
+  totals = None
+  for i, batch in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    out = jax.device_get(eval_step_fn(params, mesh.shard(batch)))
+    out = jax.tree.map(float, out)
+    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+  return totals or {"loss_sum": 0.0, "count": 0.0}
+
+
+def pair_eval_result(totals: dict, loss_name: str) -> dict:
+  """A pairwise stage's evaluation (reward model, DPO): every sum per pair, the loss under
+  `loss_name` (not "loss": the loop reads that as an LM's, with a perplexity), and the count."""
+  totals = dict(totals)
+  pairs = totals.pop("count", 0.0)
+  result = {k.replace("loss_sum", loss_name): v / max(pairs, 1.0) for k, v in totals.items()}
+  return {**result, "pairs": pairs}
+
+
+def lm_eval_result(totals: dict) -> dict:
+  """An LM's evaluation from summed eval outputs: the loss without z-loss (comparable across
+  runs and with other codebases), perplexity, the token count and every other metric."""
+  totals = dict(totals)
+  count = max(totals.pop("count", 0.0), 1.0)
+  totals.pop("loss_sum", None)
+  loss = totals.pop("nll", 0.0) / count
+  result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+  for k, v in totals.items():
+    result[k] = v[0] / max(v[1], 1.0) if isinstance(v, tuple) else v / count
+  return result

@@ -152,8 +152,8 @@ class Pretrain(stagelib.Stage):
     )
     max_batches = self.train_cfg.eval_batches if max_batches is None else max_batches
     params = self.params if params is None else params
-    totals = stagelib.sum_eval(self.eval_step, params, batches, self.mesh, max_batches)
-    return stagelib.lm_eval_result(totals)
+    totals = metrics.sum_eval(self.eval_step, params, batches, self.mesh, max_batches)
+    return metrics.lm_eval_result(totals)
 
   def samples(self, seed: int) -> dict[str, str]:
     return {"sample": self.sample_text(self.params, seed)}

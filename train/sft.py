@@ -10,6 +10,7 @@ import numpy as np
 from data import chat, sources
 from data.sources import DataError
 from model.sampling import Sampler, SamplingConfig, left_pad
+from train import metrics
 from train import stage as stagelib
 from train.pretrain import check_query_blocks, lm_model_config, setup_lm
 
@@ -145,7 +146,7 @@ class SFT(stagelib.BatchStage):
     if totals is None:
       return {}
     params = self.params if params is None else params
-    result = stagelib.lm_eval_result(totals)
+    result = metrics.lm_eval_result(totals)
     if self.replies:
       got = self.reply([c for c, _ in self.replies], params)
       result["reply_exact_match"] = float(np.mean([g == w for g, (_, w) in zip(got, self.replies)]))

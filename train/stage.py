@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -15,7 +14,7 @@ from flax import nnx
 
 from model import lora
 from model.config import ModelConfig
-from train import distributed, optim, partitioning, weights
+from train import distributed, metrics, optim, partitioning, weights
 from train import step as steplib
 
 
@@ -168,7 +167,7 @@ class BatchStage(Stage):
     block, blocks = self.mesh.block(size)
     batches = chat.padded_batches(self.val_arrays, size, block=block, blocks=blocks)
     params = self.params if params is None else params
-    return sum_eval(self.eval_step, params, batches, self.mesh, self.train_cfg.eval_batches)
+    return metrics.sum_eval(self.eval_step, params, batches, self.mesh, self.train_cfg.eval_batches)
 
 
 def opt_config(config, total_steps: int) -> optim.OptimConfig:
@@ -380,38 +379,3 @@ def eval_step(model: Model, mesh: Mesh, batch_keys, loss_fn):
     mesh=mesh.mesh,
     rules=mesh.rules,
   )
-
-
-def sum_eval(eval_step_fn, params, batches, mesh: Mesh, max_batches: int = 0) -> dict:
-  """Sums of eval_step's outputs over host batches (each this process's rows), pairs summed
-  member by member."""
-  totals = None
-  for i, batch in enumerate(batches):
-    if max_batches and i >= max_batches:
-      break
-    out = jax.device_get(eval_step_fn(params, mesh.shard(batch)))
-    out = jax.tree.map(float, out)
-    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
-  return totals or {"loss_sum": 0.0, "count": 0.0}
-
-
-def pair_eval_result(totals: dict, loss_name: str) -> dict:
-  """A pairwise stage's evaluation (reward model, DPO): every sum per pair, the loss under
-  `loss_name` (not "loss": the loop reads that as an LM's, with a perplexity), and the count."""
-  totals = dict(totals)
-  pairs = totals.pop("count", 0.0)
-  result = {k.replace("loss_sum", loss_name): v / max(pairs, 1.0) for k, v in totals.items()}
-  return {**result, "pairs": pairs}
-
-
-def lm_eval_result(totals: dict) -> dict:
-  """An LM's evaluation from summed eval outputs: the loss without z-loss (comparable across
-  runs and with other codebases), perplexity, the token count and every other metric."""
-  totals = dict(totals)
-  count = max(totals.pop("count", 0.0), 1.0)
-  totals.pop("loss_sum", None)
-  loss = totals.pop("nll", 0.0) / count
-  result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
-  for k, v in totals.items():
-    result[k] = v[0] / max(v[1], 1.0) if isinstance(v, tuple) else v / count
-  return result
