@@ -163,6 +163,12 @@ class OnlineStage(stagelib.Stage):
           f"the reward model {rm_source.describe()} reads another tokenizer than the policy: "
           f"it would score other tokens than the policy wrote"
         )
+      if rm_source.model_cfg.num_classes:
+        raise ValueError(
+          f"rlhf.reward={rl.reward!r} holds a {rm_source.model_cfg.num_classes}-way "
+          f"classifier, not a reward model (one score per response); train one with "
+          f"--config.stage=rlhf.reward, or name a reward function"
+        )
       rm_cfg = dataclasses.replace(rm_source.model_cfg, **NO_DROPOUT)
       self.graphdefs["reward"], self.reward_params, _ = stagelib.frozen_params(
         "scalar", rm_cfg, mesh, rm_source

@@ -99,6 +99,11 @@ class PPO(OnlineStage):
         if rl.critic_from
         else (self.rm_source or self.source)
       )
+      self.weights_from = {
+        "critic": "rlhf.critic_from"
+        if rl.critic_from
+        else ("rlhf.reward" if self.rm_source else "train.init_from")
+      }
       critic_cfg = (
         self.model_cfg
         if critic_source is None

@@ -133,17 +133,16 @@ class Checkpointer:
   def _path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def check_config(self, check) -> None:
-    """Runs `check(saved config dict)` on the config of the newest checkpoint whose config
-    can be read (none: nothing to check); `check` raises to refuse the resume."""
+  def latest_items(self, names: list[str]) -> dict[str, Any]:
+    """The named JSON items of the newest checkpoint whose items can be read ({} when there
+    is none): what a resume checks (the config) and keeps (the weights it started from)
+    before anything is built."""
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        config = self.restore_items(step, ["config"]).get("config")
+        return self.restore_items(step, names)
       except Exception:  # unreadable: restore_latest reports it
         continue
-      if config is not None:
-        check(config)
-      return
+    return {}
 
   def restore_latest(self, abstract_states):
     """(step, states, JSON items) of the newest checkpoint that restores, or None when there

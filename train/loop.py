@@ -61,13 +61,17 @@ def _peak_flops(tc) -> float:
   return 0.0
 
 
-def _items(stage: Stage, config, tokenizer_json) -> dict:
-  """The JSON a checkpoint carries besides the states."""
+def _items(stage: Stage, config, tokenizer_json, sources: dict) -> dict:
+  """The JSON a checkpoint carries besides the states; `sources`: setting -> the weights it
+  named, as read (weights.pinned)."""
+  models = stage.models()
+  bases = {n: sources.get(stage.weights_from.get(n, "train.init_from")) for n in models}
   return {
     "config": config.to_dict(),
     "tokenizer": tokenizer_json,
     "host": stage.host_state(),
-    "models": weights.models_item(stage.models()),
+    "models": weights.models_item(models, bases),
+    "sources": sources,
     **stage.checkpoint_items(),
   }
 
@@ -96,9 +100,13 @@ def train(config, workdir: str) -> dict:
     config.train.get("keep_checkpoints", 3),
     config.train.get("async_checkpoints", True),
   )
-  # Before anything is built: a workdir of another run is refused by name.
-  checkpointer.check_config(lambda saved: _check_resume_config(saved, config, workdir))
-  stage = build_stage(config, workdir)
+  # Before anything is built: a workdir of another run is refused by name, and a resumed run
+  # reads the weights its first start read (not a later step of the run they came from).
+  before = checkpointer.latest_items(["config", "sources"])
+  if "config" in before:
+    _check_resume_config(before["config"], config, workdir)
+  with weights.pinned(before.get("sources")) as sources:
+    stage = build_stage(config, workdir)
   tc = stage.train_cfg
   primary = jax.process_index() == 0
   if primary:
@@ -248,7 +256,7 @@ def train(config, workdir: str) -> dict:
       if saving:
         check_finite(step, step_metrics)  # never a checkpoint after a bad step under "stop"
         # The host state now is exactly `step` iterations in: what a resume needs.
-        checkpointer.save(step, saved(stage.states), _items(stage, config, tokenizer_json))
+        checkpointer.save(step, saved(stage.states), _items(stage, config, tokenizer_json, sources))
       if done:
         break
       if evaluating or saving:

@@ -81,6 +81,8 @@ class Stage:
   tokens_per_iteration: int = 0  # for tokens/s; 0 when a stage has no such rate
   flops_per_token: float = 0.0  # for MFU; 0 when unknown
   echo_samples: bool = False  # print evaluation samples to the log, not only TensorBoard
+  # State -> the setting its weights start from, where not train.init_from (a PPO critic).
+  weights_from: dict[str, str] = {}
 
   def updates(self) -> Iterator[tuple[str, Any]]:
     raise NotImplementedError
@@ -340,7 +342,9 @@ def build_model(
 
 def frozen_params(kind: str, cfg: ModelConfig, mesh: Mesh, source: weights.Source):
   """(graphdef, params, shardings) of a frozen model (a reference policy, a reward model):
-  parameters alone, no optimizer state, read straight into the layout's shardings."""
+  parameters alone, no optimizer state, read straight into the layout's shardings. It trains
+  no adapters: a LoRA source comes with its adapters folded in."""
+  cfg = cfg.replace(lora_rank=0)
   make = lambda: weights.make_model(kind, cfg, 0)
   graphdef, _, shardings = partitioning.abstract_init(make, mesh.mesh, mesh.rules)
   shardings = nnx.to_pure_dict(shardings)

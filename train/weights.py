@@ -3,6 +3,8 @@ stage's shardings (train.init_from), and a checkpoint's model for inference."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
 from typing import Any
@@ -18,6 +20,10 @@ from train import checkpoint as ckpt
 
 KINDS = ("lm", "scalar", "lm_value")  # lm_value: an LM with a value head (a shared critic)
 LM_KINDS = ("lm", "lm_value")
+# Model fields that belong to a run, never taken from the weights it starts from: its own
+# config sets them, or they keep their defaults. Adapters are added to weights from anywhere
+# (a LoRA run's come folded in), and a classifier's head is new on any trunk.
+RUN_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "num_classes")
 # Model fields a run may set on weights it starts from: how the model runs, not what it is.
 RUNTIME_FIELDS = (
   "dropout",
@@ -31,11 +37,7 @@ RUNTIME_FIELDS = (
   "kv_bucket",
   "init_std",
   "scan_layers",
-  "lora_rank",  # adapters are added to weights from anywhere, not read from them
-  "lora_alpha",
-  "lora_dropout",
-  "lora_targets",
-  "num_classes",  # a classifier's head is new on any trunk
+  *RUN_FIELDS,
 )
 
 
@@ -69,6 +71,19 @@ class Source:
   config: dict  # the run's config (workdir) or config.json (hf)
   tokenizer: Any = None  # the run's tokenizer (workdir); None for hf until it is supported
   items: dict = dataclasses.field(default_factory=dict)  # the checkpoint's JSON items
+  field: str = "train.init_from"  # the setting that named it
+  given: str = ""  # the path as that setting gave it
+
+  def ref(self) -> dict:
+    """What a checkpoint records of where its weights came from: enough to read exactly
+    these weights again (an absolute path and a step, not 'the latest')."""
+    return {
+      "format": self.format,
+      "given": self.given,
+      "path": os.path.abspath(self.path),
+      "step": self.step,
+      "state": self.state,
+    }
 
   def describe(self) -> str:
     if self.format == "hf":
@@ -76,31 +91,82 @@ class Source:
     return f"{self.path} step {self.step} ({self.state})"
 
 
-def models_item(models: dict[str, tuple[str, ModelConfig]]) -> dict:
+def models_item(models: dict[str, tuple[str, ModelConfig]], bases: dict | None = None) -> dict:
   """The checkpoint item that says which state holds which model: a checkpoint of any stage
-  then loads for inference or as another stage's starting point without its stage's code."""
+  then loads for inference or as another stage's starting point without its stage's code.
+  `bases`: state -> Source.ref() of the weights it started from (a LoRA model's base)."""
+  bases = bases or {}
   return {
-    name: {"kind": kind, "model": dataclasses.asdict(cfg)} for name, (kind, cfg) in models.items()
+    name: {"kind": kind, "model": dataclasses.asdict(cfg)}
+    | ({"base": bases[name]} if bases.get(name) else {})
+    for name, (kind, cfg) in models.items()
   }
+
+
+# field -> ref of the weights it read, as a resumed run must read them again (see pinned).
+_PINS: contextvars.ContextVar = contextvars.ContextVar("weight_pins", default=None)
+
+
+@contextlib.contextmanager
+def pinned(saved: dict | None):
+  """Within: each setting that names a workdir (train.init_from, rlhf.reward, ...) and asks
+  for its latest step reads the step that `saved` (a checkpoint's 'sources' item: field ->
+  Source.ref()) recorded for it, so a resumed run reads the weights its first start read even
+  when that workdir has trained on since. Yields the dict that records each resolution, to
+  be saved as the next 'sources'."""
+  record: dict = {}
+  token = _PINS.set((dict(saved or {}), record))
+  try:
+    yield record
+  finally:
+    _PINS.reset(token)
+
+
+def _pin(path: str, step: int, state: str, field: str) -> dict | None:
+  """The recorded ref to read when this run read `field` before from the same setting."""
+  pins = _PINS.get()
+  pin = pins[0].get(field) if pins else None
+  if not pin or pin.get("format") != "workdir" or pin.get("given") != path:
+    return None
+  if step not in (0, pin["step"]) or state not in ("", pin["state"]):
+    return None
+  return pin
 
 
 def resolve(path: str, step: int = 0, state: str = "", field: str = "train.init_from") -> Source:
   """The weights at `path`: one of our workdirs (its latest step, or `step`) or a Hugging Face
   folder (config.json and safetensors). `field` names the setting that gave `path`, in
-  errors."""
+  errors. Inside `pinned`, a resumed run reads the step its first start read."""
   if not path:
     raise ValueError(f"no weights given: set {field} to a workdir or Hugging Face folder")
+  given, pin = path, _pin(path, step, state, field)
+  if pin:
+    path, step, state = pin["path"], pin["step"], pin["state"]
   if os.path.isdir(os.path.join(path, "checkpoints")):
-    return _resolve_workdir(path, step, state)
-  if os.path.isfile(os.path.join(path, "config.json")):
+    try:
+      source = _resolve_workdir(path, step, state)
+    except FileNotFoundError as e:
+      if not pin:
+        raise
+      raise FileNotFoundError(
+        f"{field}={given!r}: this run started from step {step} of {path} and resumes from the "
+        f"same weights, but {e}. Restore that checkpoint, or start afresh in another --workdir"
+      ) from None
+  elif os.path.isfile(os.path.join(path, "config.json")):
     from model import hf_config, hf_files
 
     config = hf_files.read_config(path)
-    return Source("hf", path, None, "", "lm", hf_config.hf_config_to_model(config), config)
-  raise FileNotFoundError(
-    f"{field}={path!r} is neither one of our workdirs (no checkpoints/ in it) nor a Hugging "
-    f"Face folder (no config.json in it)"
-  )
+    source = Source("hf", path, None, "", "lm", hf_config.hf_config_to_model(config), config)
+  else:
+    raise FileNotFoundError(
+      f"{field}={given!r} is neither one of our workdirs (no checkpoints/ in it) nor a "
+      f"Hugging Face folder (no config.json in it)"
+    )
+  source = dataclasses.replace(source, field=field, given=given)
+  pins = _PINS.get()
+  if pins is not None:
+    pins[1][field] = source.ref()
+  return source
 
 
 def _resolve_workdir(workdir: str, step: int, state: str) -> Source:
@@ -161,6 +227,8 @@ def model_config(fields: dict, source: Source | None) -> ModelConfig:
   if source is None:
     return ModelConfig(**fields)
   merged = dataclasses.asdict(source.model_cfg)
+  defaults = dataclasses.asdict(ModelConfig())
+  merged.update({k: defaults[k] for k in RUN_FIELDS})
   differ = {}
   for k, v in fields.items():
     if k not in merged:
@@ -283,20 +351,25 @@ def read_params(source: Source, kind: str, target: dict, cfg: ModelConfig) -> di
 
 def _read_lora(source: Source, want: dict) -> dict:
   """A LoRA run's parameters named by `want` (a plain model's, in the source's layout), with
-  its adapters folded into their kernels: the base weights from the run's own train.init_from
-  (resolved again, so a chain of runs works), the adapters and heads from its checkpoint."""
+  its adapters folded into their kernels: the base weights those the run recorded it started
+  from (exactly those, wherever it is resumed or read from), the adapters and heads from its
+  checkpoint."""
   from model import lora
 
-  train_cfg = source.config.get("train", {})
-  if not train_cfg.get("init_from"):
-    raise ValueError(
-      f"{source.describe()} trained LoRA adapters on a random init (no train.init_from): "
-      f"there are no base weights to fold them into"
+  base_ref = source.items.get("models", {}).get(source.state, {}).get("base")
+  field = f"the base weights of {source.describe()}"
+  if base_ref:
+    base_source = resolve(base_ref["path"], base_ref["step"] or 0, base_ref["state"], field)
+  else:  # written before checkpoints recorded the base: the run's train.init_from
+    train_cfg = source.config.get("train", {})
+    if not train_cfg.get("init_from"):
+      raise ValueError(
+        f"{source.describe()} trained LoRA adapters on a random init (no train.init_from): "
+        f"there are no base weights to fold them into"
+      )
+    base_source = resolve(
+      train_cfg["init_from"], train_cfg.get("init_step", 0), train_cfg.get("init_state", ""), field
     )
-  field = f"train.init_from of {source.path}"
-  base_source = resolve(
-    train_cfg["init_from"], train_cfg.get("init_step", 0), train_cfg.get("init_state", ""), field
-  )
   plain_cfg = source.model_cfg.replace(lora_rank=0)
   trained_want, base_want = lora.split(want, lora.trains)
   base = read_params(base_source, source.kind, base_want, plain_cfg) if base_want else {}
