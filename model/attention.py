@@ -11,7 +11,8 @@ from flax import nnx
 
 from model import axes
 from model.config import ModelConfig
-from model.layers import Dense, adapter_rngs, dropout
+from model.layers import Dense, Norm, adapter_rngs, dropout
+from model.rope import frequencies, rope
 
 
 class KVCache(NamedTuple):
@@ -29,7 +30,7 @@ class KVCache(NamedTuple):
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
     dtype = cfg.compute_dtype if dtype is None else dtype
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_size)
     return cls(
       jnp.zeros(shape, dtype),
       jnp.zeros(shape, dtype),
@@ -38,31 +39,25 @@ class KVCache(NamedTuple):
     )
 
 
-def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding in the half-split layout (the Hugging Face LLaMA convention)."""
-  k = x_BxLxHxK.shape[-1]
-  half = k // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / k))
-  angles_BxLxK2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
-  sin = jnp.sin(angles_BxLxK2)[:, :, None, :]
-  cos = jnp.cos(angles_BxLxK2)[:, :, None, :]
-  x = x_BxLxHxK.astype(jnp.float32)
-  x1, x2 = x[..., :half], x[..., half:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxHxK.dtype)
-
-
 def make_mask(
-  q_segment_BxL: jax.Array, kv_segment_BxT: jax.Array, q_slot_L: jax.Array, kv_slot_T: jax.Array
+  q_segment_BxL: jax.Array,
+  kv_segment_BxT: jax.Array,
+  q_slot_L: jax.Array,
+  kv_slot_T: jax.Array,
+  window: int = 0,
 ) -> jax.Array:
-  """True where a query may attend a key: same non-zero segment, key slot not in the future.
+  """True where a query may attend a key: same non-zero segment, key slot not in the future,
+  and with a `window` > 0, fewer than `window` slots back (the query itself included).
 
   Slots order tokens in time (causality); segments separate packed documents and padding,
-  so positions (which restart per document) never decide what is visible.
+  so positions (which restart per document) never decide what is visible. A row's real
+  tokens fill consecutive slots, so slot distance is token distance.
   """
   same_BxLxT = q_segment_BxL[:, :, None] == kv_segment_BxT[:, None, :]
   real_Bx1xT = (kv_segment_BxT != 0)[:, None, :]
   causal_LxT = kv_slot_T[None, :] <= q_slot_L[:, None]
+  if window:
+    causal_LxT = causal_LxT & (q_slot_L[:, None] - kv_slot_T[None, :] < window)
   return same_BxLxT & real_Bx1xT & causal_LxT[None]
 
 
@@ -161,17 +156,24 @@ class Attention(nnx.Module):
   """Causal self-attention with grouped key/value heads."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    self.impl, self.position, self.rope_theta = cfg.attention_impl, cfg.position, cfg.rope_theta
+    d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+    self.impl, self.position = cfg.attention_impl, cfg.position
+    if cfg.position == "rope":  # static: folded into the program as constants
+      inv_freq, self.rope_factor = frequencies(cfg)
+      self.inv_freq = tuple(float(f) for f in inv_freq)
     self.dropout_rate, self.dropout_prng = cfg.attention_dropout, cfg.dropout_prng
     self.query_blocks, self.kv_bucket = cfg.attention_query_blocks, cfg.kv_bucket
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     heads, kv_heads = (axes.HEADS, axes.HEAD_DIM), (axes.KV_HEADS, axes.HEAD_DIM)
-    lora = cfg.lora_on
-    self.q = Dense((d,), (h, k), (axes.EMBED,), heads, cfg, rngs=rngs, lora=lora("q"))
-    self.k = Dense((d,), (g, k), (axes.EMBED,), kv_heads, cfg, rngs=rngs, lora=lora("k"))
-    self.v = Dense((d,), (g, k), (axes.EMBED,), kv_heads, cfg, rngs=rngs, lora=lora("v"))
-    self.o = Dense((h, k), (d,), heads, (axes.EMBED,), cfg, rngs=rngs, std=out_std, lora=lora("o"))
+    lora, bias = cfg.lora_on, cfg.use_bias or cfg.qkv_bias
+    embed = (axes.EMBED,)
+    self.q = Dense((d,), (h, k), embed, heads, cfg, rngs=rngs, use_bias=bias, lora=lora("q"))
+    self.k = Dense((d,), (g, k), embed, kv_heads, cfg, rngs=rngs, use_bias=bias, lora=lora("k"))
+    self.v = Dense((d,), (g, k), embed, kv_heads, cfg, rngs=rngs, use_bias=bias, lora=lora("v"))
+    self.o = Dense((h, k), (d,), heads, embed, cfg, rngs=rngs, std=out_std, lora=lora("o"))
+    # Qwen3's q/k norms: one RMSNorm over each head's vector, shared by the heads.
+    self.q_norm = Norm(cfg, k, axes.HEAD_DIM, "rmsnorm") if cfg.qk_norm else None
+    self.k_norm = Norm(cfg, k, axes.HEAD_DIM, "rmsnorm") if cfg.qk_norm else None
 
   def __call__(
     self,
@@ -190,9 +192,11 @@ class Attention(nnx.Module):
     q_BxLxHxK = self.q(x_BxLxD, rng[0])
     k_BxLxGxK = self.k(x_BxLxD, rng[1])
     v_BxLxGxK = self.v(x_BxLxD, rng[2])
+    if self.q_norm is not None:
+      q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
     if self.position == "rope":
-      q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
-      k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
+      q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.inv_freq, self.rope_factor)
+      k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.inv_freq, self.rope_factor)
     q_BxLxHxK = axes.constrain(q_BxLxHxK, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
     kv_names = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS, None)
 

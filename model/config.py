@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-MLPS = ("gelu", "gelu_exact", "swiglu")
+MLPS = ("gelu", "gelu_exact", "swiglu", "geglu")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 REMATS = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "jax")
 DROPOUT_PRNGS = ("threefry", "rbg", "hash")
@@ -31,8 +32,25 @@ class ModelConfig:
   norm_eps: float = 1e-5  # epsilon inside the norms
   position: str = "rope"  # learned | rope
   rope_theta: float = 10000.0  # RoPE base frequency
-  mlp: str = "swiglu"  # gelu (tanh approximation, GPT-2) | gelu_exact (erf) | swiglu
+  # RoPE for longer contexts than trained on: none | linear (positions / rope_factor) |
+  # llama3 (Llama 3.1+: low frequencies / rope_factor, a smooth band between) | yarn
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0  # how much longer the context is than the original one
+  rope_original_max_len: int = 0  # the context length the model was trained on (llama3, yarn)
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths > original / this are scaled
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original / this are kept
+  rope_beta_fast: float = 32.0  # yarn: rotations over the original context kept as trained
+  rope_beta_slow: float = 1.0  # yarn: rotations below which pairs are fully interpolated
+  rope_attention_factor: float = 0.0  # yarn: cos and sin scale; 0 is 0.1 ln(rope_factor) + 1
+  mlp: str = "swiglu"  # gelu (tanh approximation, GPT-2) | gelu_exact (erf) | swiglu | geglu
+  # (GELU-gated, tanh approximation: Gemma)
   use_bias: bool = False  # biases in dense layers and layernorm (GPT-2 has them)
+  qkv_bias: bool = False  # biases on the query, key and value projections alone (Qwen2)
+  qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+  head_dim: int = 0  # width of each attention head; 0 is d_model / n_heads (read head_size)
+  norm_offset: float = 0.0  # norms multiply by norm_offset + scale; Gemma's are (1 + w)
+  scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Gemma)
+  sliding_window: int = 0  # each query sees the last sliding_window tokens alone; 0: all
   tie_embeddings: bool = False  # LM head reuses the token embedding
   dropout: float = 0.0  # residual and embedding dropout rate while training
   attention_dropout: float = 0.0  # dropout on attention probabilities while training (nanoGPT's
@@ -67,9 +85,12 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
-    if self.d_model % self.n_heads:
+    if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 0:
+      raise ValueError(f"ModelConfig.head_dim must be an int >= 0, got {self.head_dim!r}")
+    if not self.head_dim and self.d_model % self.n_heads:
       raise ValueError(
-        f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+        f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), "
+        f"or set head_dim"
       )
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
@@ -79,6 +100,7 @@ class ModelConfig:
       "norm": NORMS,
       "position": POSITIONS,
       "mlp": MLPS,
+      "rope_scaling": ROPE_SCALINGS,
       "remat": REMATS,
       "attention_impl": ATTENTION_IMPLS,
       "dropout_prng": DROPOUT_PRNGS,
@@ -91,10 +113,12 @@ class ModelConfig:
           f"ModelConfig.{name}={getattr(self, name)!r} is unknown; "
           f"choose one of {', '.join(allowed)}"
         )
-    if self.position == "rope" and self.head_dim % 2:
+    if self.position == "rope" and self.head_size % 2:
+      raise ValueError(f"ModelConfig.position='rope' needs an even head size, got {self.head_size}")
+    self._check_rope_scaling()
+    if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
       raise ValueError(
-        f"ModelConfig.position='rope' needs an even head_dim, got "
-        f"{self.head_dim} (d_model / n_heads)"
+        f"ModelConfig.sliding_window must be an int >= 0, got {self.sliding_window!r}"
       )
     for name in ("dropout", "attention_dropout"):
       if not 0.0 <= getattr(self, name) < 1.0:
@@ -125,6 +149,29 @@ class ModelConfig:
     if not isinstance(k, int) or isinstance(k, bool) or k < 0 or k == 1:
       raise ValueError(f"ModelConfig.num_classes must be 0 or an int >= 2, got {k!r}")
 
+  def _check_rope_scaling(self):
+    kind = self.rope_scaling
+    if kind == "none":
+      return
+    if self.position != "rope":
+      raise ValueError(f"ModelConfig.rope_scaling={kind!r} needs position='rope'")
+    if self.rope_factor < 1.0:
+      raise ValueError(
+        f"ModelConfig.rope_factor must be >= 1 with rope_scaling, got {self.rope_factor}"
+      )
+    if kind in ("llama3", "yarn") and self.rope_original_max_len <= 0:
+      raise ValueError(f"ModelConfig.rope_scaling={kind!r} needs rope_original_max_len > 0")
+    if kind == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+      raise ValueError(
+        f"ModelConfig.rope_scaling='llama3' needs 0 < rope_low_freq_factor < "
+        f"rope_high_freq_factor, got {self.rope_low_freq_factor}, {self.rope_high_freq_factor}"
+      )
+    if kind == "yarn" and not 0 < self.rope_beta_slow < self.rope_beta_fast:
+      raise ValueError(
+        f"ModelConfig.rope_scaling='yarn' needs 0 < rope_beta_slow < rope_beta_fast, got "
+        f"{self.rope_beta_slow}, {self.rope_beta_fast}"
+      )
+
   def _check_lora(self):
     r = self.lora_rank
     if not isinstance(r, int) or isinstance(r, bool) or r < 0:
@@ -139,7 +186,7 @@ class ModelConfig:
       )
     if r and not self.lora_targets:
       raise ValueError("ModelConfig.lora_rank > 0 needs at least one of lora_targets")
-    if r and "gate" in self.lora_targets and self.mlp != "swiglu":
+    if r and "gate" in self.lora_targets and self.mlp not in ("swiglu", "geglu"):
       raise ValueError(f"ModelConfig.lora_targets has 'gate', but mlp={self.mlp!r} has none")
     if self.lora_alpha <= 0:
       raise ValueError(f"ModelConfig.lora_alpha must be > 0, got {self.lora_alpha}")
@@ -151,8 +198,14 @@ class ModelConfig:
     return self.lora_rank > 0 and target in self.lora_targets
 
   @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+  def head_size(self) -> int:
+    """Width of each attention head: head_dim, or d_model / n_heads when it is 0."""
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def gated(self) -> bool:
+    """Whether the MLP has a gate projection (SwiGLU, GeGLU)."""
+    return self.mlp in ("swiglu", "geglu")
 
   @property
   def compute_dtype(self):
@@ -222,6 +275,52 @@ PRESETS = {
     d_ff=11008,
     max_seq_len=4096,
     norm_eps=1e-5,
+  ),
+  # Open checkpoints' shapes (their config.json), for the planner and for init_from runs.
+  # Llama-3.2-1B: 1,235,814,400 parameters, tied, llama3 RoPE scaling.
+  "llama3_2_1b": ModelConfig(
+    vocab_size=128256,
+    d_model=2048,
+    n_layers=16,
+    n_heads=32,
+    n_kv_heads=8,
+    d_ff=8192,
+    max_seq_len=131072,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling="llama3",
+    rope_factor=32.0,
+    rope_original_max_len=8192,
+    tie_embeddings=True,
+  ),
+  # Qwen2.5-0.5B: 494,032,768 parameters, tied, bias on q/k/v.
+  "qwen2_5_0_5b": ModelConfig(
+    vocab_size=151936,
+    d_model=896,
+    n_layers=24,
+    n_heads=14,
+    n_kv_heads=2,
+    d_ff=4864,
+    max_seq_len=32768,
+    norm_eps=1e-6,
+    rope_theta=1000000.0,
+    qkv_bias=True,
+    tie_embeddings=True,
+  ),
+  # Qwen3-0.6B: 596,049,920 parameters, tied, q/k norms, head_dim 128 (16 x 128 > 1024).
+  "qwen3_0_6b": ModelConfig(
+    vocab_size=151936,
+    d_model=1024,
+    n_layers=28,
+    n_heads=16,
+    n_kv_heads=8,
+    head_dim=128,
+    d_ff=3072,
+    max_seq_len=40960,
+    norm_eps=1e-6,
+    rope_theta=1000000.0,
+    qk_norm=True,
+    tie_embeddings=True,
   ),
 }
 

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 / LLaMA safetensors checkpoints to and from our Transformer params."""
+"""Hugging Face safetensors checkpoints (GPT-2, LLaMA, Mistral, Qwen2, Qwen3, Gemma) to and
+from our Transformer params."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def _spec(cfg: ModelConfig, prefix: str = "transformer.") -> list[_Entry]:
     cfg.d_model,
     cfg.n_heads,
     cfg.n_kv_heads,
-    cfg.head_dim,
+    cfg.head_size,
     cfg.d_ff,
     cfg.vocab_size,
   )
@@ -102,10 +103,14 @@ def _spec(cfg: ModelConfig, prefix: str = "transformer.") -> list[_Entry]:
     for i in range(cfg.n_layers):
       p, b = f"model.layers.{i}.", ("blocks", i)
       norm(p + "input_layernorm", b + ("attn_norm",), False)
-      dense(p + "self_attn.q_proj", (d,), (h, k), b + ("attn", "q"))
-      dense(p + "self_attn.k_proj", (d,), (g, k), b + ("attn", "k"))
-      dense(p + "self_attn.v_proj", (d,), (g, k), b + ("attn", "v"))
+      qkv_bias = cfg.use_bias or cfg.qkv_bias
+      dense(p + "self_attn.q_proj", (d,), (h, k), b + ("attn", "q"), bias=qkv_bias)
+      dense(p + "self_attn.k_proj", (d,), (g, k), b + ("attn", "k"), bias=qkv_bias)
+      dense(p + "self_attn.v_proj", (d,), (g, k), b + ("attn", "v"), bias=qkv_bias)
       dense(p + "self_attn.o_proj", (h, k), (d,), b + ("attn", "o"))
+      if cfg.qk_norm:
+        add(p + "self_attn.q_norm.weight", (k,), [b + ("attn", "q_norm", "scale")], (k,))
+        add(p + "self_attn.k_norm.weight", (k,), [b + ("attn", "k_norm", "scale")], (k,))
       norm(p + "post_attention_layernorm", b + ("mlp_norm",), False)
       dense(p + "mlp.gate_proj", (d,), (f,), b + ("mlp", "gate"))
       dense(p + "mlp.up_proj", (d,), (f,), b + ("mlp", "up"))

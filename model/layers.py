@@ -268,22 +268,24 @@ class Embed(nnx.Module):
 
 
 class Norm(nnx.Module):
-  """LayerNorm or RMSNorm over the last axis, computed in float32."""
+  """LayerNorm or RMSNorm over the last axis (of `dim`, default d_model), computed in float32,
+  multiplied by cfg.norm_offset + scale (Gemma stores its norms as 1 + w)."""
 
-  def __init__(self, cfg: ModelConfig):
-    self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, cfg.compute_dtype
-    self.scale = param(None, jnp.ones, (cfg.d_model,), cfg.weight_dtype, (axes.EMBED,))
-    use_bias = cfg.norm == "layernorm" and cfg.use_bias
-    self.bias = (
-      param(None, jnp.zeros, (cfg.d_model,), cfg.weight_dtype, (axes.EMBED,)) if use_bias else None
-    )
+  def __init__(self, cfg: ModelConfig, dim: int = 0, axis: str = axes.EMBED, kind: str = ""):
+    self.kind, self.eps, self.dtype = kind or cfg.norm, cfg.norm_eps, cfg.compute_dtype
+    dim, self.offset = dim or cfg.d_model, cfg.norm_offset
+    ones = lambda shape, dtype: jnp.full(shape, 1.0 - self.offset, dtype)  # scale 1 at init
+    self.scale = param(None, ones, (dim,), cfg.weight_dtype, (axis,))
+    use_bias = self.kind == "layernorm" and cfg.use_bias
+    self.bias = param(None, jnp.zeros, (dim,), cfg.weight_dtype, (axis,)) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     if self.kind == "layernorm":
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    y = y * self.scale[...].astype(jnp.float32)
+    scale = self.scale[...].astype(jnp.float32)
+    y = y * (scale + self.offset if self.offset else scale)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
@@ -298,14 +300,15 @@ def gelu(x: jax.Array, approximate: bool) -> jax.Array:
 
 
 class MLP(nnx.Module):
-  """GELU MLP (GPT-2's tanh approximation, or exact erf as torch's nn.GELU) or SwiGLU (LLaMA)."""
+  """GELU MLP (GPT-2's tanh approximation, or exact erf as torch's nn.GELU), SwiGLU (LLaMA)
+  or GeGLU (Gemma: the gate through GELU's tanh approximation)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.kind = cfg.mlp
     d, f = cfg.d_model, cfg.d_ff
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2's scaled residual init
     lora = cfg.lora_on
-    if cfg.mlp == "swiglu":
+    if cfg.gated:
       self.gate = Dense((d,), (f,), (axes.EMBED,), (axes.MLP,), cfg, rngs=rngs, lora=lora("gate"))
     self.up = Dense((d,), (f,), (axes.EMBED,), (axes.MLP,), cfg, rngs=rngs, lora=lora("up"))
     self.down = Dense(
@@ -315,8 +318,10 @@ class MLP(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, lora_rng: jax.Array | None = None) -> jax.Array:
     """`lora_rng`: the key of the adapters' dropout while training."""
     rng = adapter_rngs(lora_rng, 3)
-    if self.kind == "swiglu":
-      h_BxLxF = jax.nn.silu(self.gate(x_BxLxD, rng[0])) * self.up(x_BxLxD, rng[1])
+    if self.kind in ("swiglu", "geglu"):
+      gate = self.gate(x_BxLxD, rng[0])
+      gate = jax.nn.silu(gate) if self.kind == "swiglu" else gelu(gate, approximate=True)
+      h_BxLxF = gate * self.up(x_BxLxD, rng[1])
     else:
       h_BxLxF = gelu(self.up(x_BxLxD, rng[1]), approximate=self.kind == "gelu")
     h_BxLxF = axes.constrain(h_BxLxF, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))

@@ -128,9 +128,11 @@ class Transformer(nnx.Module):
       )
       q_slot_L = index + jnp.arange(l)
       kv_slot_T = jnp.arange(kv_segment_BxT.shape[1])
-    mask_BxLxT = make_mask(segment_ids_BxL, kv_segment_BxT, q_slot_L, kv_slot_T)
+    mask_BxLxT = make_mask(segment_ids_BxL, kv_segment_BxT, q_slot_L, kv_slot_T, cfg.sliding_window)
 
     x_BxLxD = self.embed(tokens_BxL)
+    if cfg.scale_embeddings:  # Gemma: by sqrt(d_model), rounded to the activations' dtype
+      x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model**0.5, x_BxLxD.dtype)
     if cfg.position == "learned":
       x_BxLxD = x_BxLxD + jnp.take(self.pos_embed_SxD[...], positions_BxL, axis=0).astype(
         x_BxLxD.dtype

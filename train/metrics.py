@@ -24,9 +24,10 @@ def matmul_params(cfg: ModelConfig, n_params: int) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
-  """Training FLOPs per token: 6N for the matmuls plus 12 * layers * d_model * seq_len for
-  attention scores and values (the PaLM / nanoGPT estimate)."""
-  return 6.0 * matmul_params(cfg, n_params) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+  """Training FLOPs per token: 6N for the matmuls plus 12 * layers * (heads x head size) *
+  seq_len for attention scores and values (the PaLM / nanoGPT estimate)."""
+  width = cfg.n_heads * cfg.head_size  # d_model unless head_dim is set apart from it
+  return 6.0 * matmul_params(cfg, n_params) + 12.0 * cfg.n_layers * width * seq_len
 
 
 def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:

@@ -69,7 +69,7 @@ def activation_bytes(
     cfg.d_model,
     cfg.n_heads,
     cfg.n_kv_heads,
-    cfg.head_dim,
+    cfg.head_size,
     cfg.d_ff,
     cfg.vocab_size,
   )
@@ -79,7 +79,7 @@ def activation_bytes(
     split(axes.ACT_KV_HEADS),
     split(axes.ACT_MLP),
   )
-  mlp_width = 3 if cfg.mlp == "swiglu" else 2
+  mlp_width = 3 if cfg.gated else 2
   attn_LxL = 4 * h * (1 if cfg.attention_impl == "cudnn" else 3 * seq_len) / sh
   layer = c * (4 * d / se + 2 * h * k / sh + 2 * g * k / sg + mlp_width * f / sm) + attn_LxL
   if cfg.remat == "none":

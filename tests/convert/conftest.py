@@ -89,3 +89,35 @@ def hf_logits(model, toks):
 
   with torch.no_grad():
     return model(torch.as_tensor(toks, dtype=torch.long)).logits.numpy()
+
+
+def assert_greedy_equals_generate(torch_model, model, what: str, n: int = 12):
+  """Our KV-cache sampler's greedy tokens for two prompts equal transformers' generate()."""
+  import jax
+  import torch
+  from flax import nnx
+
+  from model.sampling import Sampler, SamplingConfig
+
+  prompts = tokens(b=2, l=7, seed=5)
+  with torch.no_grad():
+    want = torch_model.generate(
+      torch.as_tensor(prompts, dtype=torch.long),
+      attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+      do_sample=False,
+      max_new_tokens=n,
+      min_new_tokens=n,
+      pad_token_id=0,
+    ).numpy()[:, prompts.shape[1] :]
+  graphdef, state = nnx.split(model)
+  out = Sampler(graphdef)(
+    state,
+    prompts,
+    np.ones_like(prompts),
+    jax.random.key(0),
+    SamplingConfig(max_new_tokens=n, temperature=0.0),
+  )
+  assert want.shape == (2, n)
+  np.testing.assert_array_equal(
+    np.asarray(out.tokens_BxN), want, err_msg=f"{what}: greedy tokens differ from generate()"
+  )

@@ -88,23 +88,41 @@ def test_unsupported_architecture_names_it_and_the_supported_ones(llama):
 
 
 @pytest.mark.parametrize(
-  "field,value",
+  "field,value,named",
   [
-    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
-    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
-    ("hidden_act", "gelu"),
-    ("attention_bias", True),  # with mlp_bias false: our use_bias is all or nothing
-    ("head_dim", 32),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "rope_type"),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 5e5}, "rope_type"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7}, "mscale"),
+    ("rope_parameters", {"rope_theta": 1e4, "partial_rotary_factor": 0.5}, "partial_rotary"),
+    ("hidden_act", "gelu", "hidden_act"),
+    ("attention_bias", True, "attention_bias"),  # with mlp_bias false: use_bias is all or none
   ],
 )
-def test_unsupported_llama_settings_name_the_field(llama, field, value):
+def test_unsupported_llama_settings_name_the_field(llama, field, value, named):
   hf_config, tensors = llama
-  with pytest.raises(
-    ValueError,
-    match=rf"LlamaForCausalLM config.json has {field}=.*not "
-    r"supported",
-  ):
+  with pytest.raises(ValueError, match=rf"LlamaForCausalLM config.json has {named}.*not supported"):
     convert_llama({**hf_config, field: value}, tensors)
+
+
+def test_a_llama3_rope_without_its_fields_names_the_missing_one(llama):
+  hf_config, tensors = llama
+  rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+  with pytest.raises(ValueError, match=r"lacks the required field 'original_max_position_embed"):
+    convert_llama({**hf_config, "rope_parameters": rope}, tensors)
+
+
+def test_qwen_sliding_window_on_some_layers_only_is_refused(llama):
+  hf_config, _ = llama
+  qwen = {
+    **hf_config,
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "use_sliding_window": True,
+    "sliding_window": 8,
+    "layer_types": ["full_attention", "sliding_attention"],
+  }
+  with pytest.raises(ValueError, match=r"Qwen2ForCausalLM config.json has layer_types=.*all or"):
+    hf_config_to_model(qwen)
 
 
 @pytest.mark.parametrize(

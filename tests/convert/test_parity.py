@@ -10,9 +10,8 @@ from safetensors.numpy import load_file
 
 from model import convert, hf_files
 from model.config import ModelConfig
-from model.sampling import Sampler, SamplingConfig
 from model.transformer import Transformer
-from tests.convert.conftest import VOCAB, hf_logits, tokens
+from tests.convert.conftest import VOCAB, assert_greedy_equals_generate, hf_logits, tokens
 
 TOL = 1e-4  # fp32 on both sides; a larger gap means a weight or numeric is mapped wrongly
 
@@ -98,33 +97,9 @@ def test_export_logits_match_transformers(tmp_path, arch, shard):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_greedy_continuation_matches_generate(hf_dirs, arch):
-  import torch
-
   hf_model, folder = hf_dirs[arch]
   _, model = convert.load_hf(folder, scan_layers=arch == "llama")
-  prompts = tokens(b=2, l=7, seed=5)
-  n = 12
-  with torch.no_grad():
-    want = hf_model.generate(
-      torch.as_tensor(prompts, dtype=torch.long),
-      attention_mask=torch.ones(prompts.shape, dtype=torch.long),
-      do_sample=False,
-      max_new_tokens=n,
-      min_new_tokens=n,
-      pad_token_id=0,
-    ).numpy()[:, prompts.shape[1] :]
-  graphdef, state = nnx.split(model)
-  out = Sampler(graphdef)(
-    state,
-    prompts,
-    np.ones_like(prompts),
-    jax.random.key(0),
-    SamplingConfig(max_new_tokens=n, temperature=0.0),
-  )
-  assert want.shape == (2, n)
-  np.testing.assert_array_equal(
-    np.asarray(out.tokens_BxN), want, err_msg=f"{arch}: greedy tokens differ from generate()"
-  )
+  assert_greedy_equals_generate(hf_model, model, arch)
 
 
 def test_cli_round_trip_is_lossless_and_copies_tokenizer(hf_dirs, tmp_path):

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.attention import attend, make_mask, rope
+from model.attention import attend, make_mask
+from model.config import ModelConfig
+from model.rope import frequencies, rope
 
 
 def numpy_attention(q, k, v, q_seg, kv_seg):
@@ -100,7 +102,9 @@ def test_rope_matches_rotation_of_pairs():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(1, 5, 2, 8)).astype(np.float32)
   pos = np.array([[0, 3, 7, 11, 100]], np.int32)
-  got = np.asarray(rope(jnp.asarray(x), jnp.asarray(pos), 10000.0))
+  freqs, factor = frequencies(ModelConfig(d_model=16, n_heads=2, n_kv_heads=2, rope_theta=1e4))
+  assert factor == 1.0
+  got = np.asarray(rope(jnp.asarray(x), jnp.asarray(pos), freqs))
   want = np.zeros_like(x, dtype=np.float64)
   for t in range(5):
     for hd in range(2):
@@ -114,6 +118,6 @@ def test_rope_matches_rotation_of_pairs():
   q = jnp.asarray(rng.normal(size=(1, 1, 1, 8)).astype(np.float32))
   k = jnp.asarray(rng.normal(size=(1, 1, 1, 8)).astype(np.float32))
   dot = lambda pq, pk: float(
-    jnp.sum(rope(q, jnp.array([[pq]]), 1e4) * rope(k, jnp.array([[pk]]), 1e4))
+    jnp.sum(rope(q, jnp.array([[pq]]), freqs) * rope(k, jnp.array([[pk]]), freqs))
   )
   assert abs(dot(5, 2) - dot(13, 10)) < 1e-4

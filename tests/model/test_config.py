@@ -12,11 +12,13 @@ from tests.model.conftest import param_count as count
 
 def closed_form_params(c: ModelConfig) -> int:
   d, f, v, n = c.d_model, c.d_ff, c.vocab_size, c.n_layers
-  kv = c.n_kv_heads * c.head_dim
+  q, kv = c.n_heads * c.head_size, c.n_kv_heads * c.head_size
   bias = c.use_bias
   norm = d * (2 if (c.norm == "layernorm" and bias) else 1)
-  attn = d * d + 2 * d * kv + d * d + (d + 2 * kv + d if bias else 0)
-  mlp = (3 * d * f) if c.mlp == "swiglu" else (2 * d * f)
+  attn = d * q + 2 * d * kv + q * d + (q + 2 * kv + d if bias else 0)
+  attn += q + 2 * kv if c.qkv_bias and not bias else 0
+  attn += 2 * c.head_size if c.qk_norm else 0
+  mlp = (3 * d * f) if c.mlp in ("swiglu", "geglu") else (2 * d * f)
   mlp += (f + d) if bias else 0  # swiglu presets have no bias
   total = v * d + n * (2 * norm + attn + mlp) + norm
   total += c.max_seq_len * d if c.position == "learned" else 0
@@ -104,7 +106,7 @@ def test_attention_dropout_needs_an_einsum_path():
 
 
 def test_odd_head_dim_with_rope_is_rejected():
-  with pytest.raises(ValueError, match="head_dim"):
+  with pytest.raises(ValueError, match="head size"):
     ModelConfig(d_model=12, n_heads=4, n_kv_heads=4, position="rope")
 
 

@@ -128,7 +128,7 @@ def test_lora_plans_gradients_and_optimizer_for_the_adapters_alone(name):
   gradients of that size and AdamW's two moments, beside full fine-tuning's."""
   base = preset(name)
   cfg = base.replace(lora_rank=8, lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
-  d, f, kv = base.d_model, base.d_ff, base.n_kv_heads * base.head_dim
+  d, f, kv = base.d_model, base.d_ff, base.n_kv_heads * base.head_size
   per_layer = 8 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3)
   adapters = base.n_layers * per_layer
   lora_plan = planlib.plan(cfg, "dp", 8, 8, 512)
@@ -141,3 +141,36 @@ def test_lora_plans_gradients_and_optimizer_for_the_adapters_alone(name):
   assert lora_plan["total_bytes"] < full["total_bytes"] - 2.9 * full["param_bytes"]
   text = planlib.format_plan(lora_plan, cfg)
   assert f"{adapters:,} of" in text and "full fine-tuning" in text
+
+
+# Open checkpoints' presets: parameter totals of the released models, counted the same by
+# transformers from the config.json we would write (on the meta device: no memory).
+OPEN_PRESETS = {
+  "llama3_2_1b": ("LlamaForCausalLM", 1_235_814_400, 973_146_112),
+  "qwen2_5_0_5b": ("Qwen2ForCausalLM", 494_032_768, 357_898_112),
+  "qwen3_0_6b": ("Qwen3ForCausalLM", 596_049_920, 440_467_456),
+}
+
+
+@pytest.mark.parametrize("name", list(OPEN_PRESETS))
+def test_open_model_presets_have_their_published_parameter_counts(name):
+  import torch
+  import transformers
+
+  from model.hf_config import model_to_hf_config
+
+  arch, total, non_embedding = OPEN_PRESETS[name]
+  cfg = preset(name)
+  p = planlib.plan(cfg, "fsdp", 8, batch=8, seq_len=512)
+  assert p["n_params"] == total
+  assert p["n_params"] - cfg.vocab_size * cfg.d_model == non_embedding
+  model_cls = getattr(transformers, arch)
+  with torch.device("meta"):
+    hf = model_cls(model_cls.config_class(**model_to_hf_config(cfg)))
+  assert sum(x.numel() for x in hf.parameters()) == total
+  # The model cards' rounded figures: 1.24B (Llama 3.2 1B), 0.49B and 0.36B non-embedding
+  # (Qwen2.5-0.5B), 0.6B and 0.44B non-embedding (Qwen3-0.6B).
+  published = {"llama3_2_1b": (1.24, None), "qwen2_5_0_5b": (0.49, 0.36), "qwen3_0_6b": (0.6, 0.44)}
+  want_total, want_non = published[name]
+  assert round(total / 1e9, len(str(want_total)) - 2) == want_total
+  assert want_non is None or round(non_embedding / 1e9, 2) == want_non

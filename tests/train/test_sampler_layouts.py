@@ -100,7 +100,7 @@ def test_prefill_cache_is_laid_out_by_the_layout_rules(name):
       len(PROMPTS),
       CFG.n_kv_heads,
       toks.shape[1] + 4,
-      CFG.head_dim,
+      CFG.head_size,
     )
     # jit reports specs without trailing Nones; padded back they must match entry by entry.
     got = array.sharding
