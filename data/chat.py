@@ -18,10 +18,23 @@ OVERFLOW = ("truncate", "drop")
 CHAT_TEMPLATE = {"kind": "fromscratch", "roles": dict(ROLE_TOKENS), "end": END_TOKEN}
 
 
+def template_item(tokenizer: Tokenizer) -> dict:
+  """The chat_template item of a checkpoint: ours, or the Jinja source of the checkpoint's
+  own template that the tokenizer renders with."""
+  template = getattr(tokenizer, "chat_template", None)
+  return CHAT_TEMPLATE if template is None else {"kind": "jinja", "source": template.source}
+
+
 def render_chat(
   tokenizer: Tokenizer, messages: Messages, *, bos: bool = True
 ) -> tuple[list[int], list[int]]:
-  """[bos] then <|role|> content <|end|> per message; mask is 1 on assistant content and its <|end|>."""
+  """The ids of a chat and the SFT mask, 1 on what the assistant wrote. A tokenizer with its
+  checkpoint's chat template (a Hugging Face one) renders through that template, the mask on
+  each assistant turn's span; ours render [bos] then <|role|> content <|end|> per message,
+  the mask on assistant content and its <|end|>."""
+  template = getattr(tokenizer, "chat_template", None)
+  if template is not None:
+    return tokenizer.encode_spans(*template.assistant_spans(messages))
   ids = [tokenizer.bos_id] if bos else []
   mask = [0] * len(ids)
   for m in messages:
@@ -37,9 +50,26 @@ def render_chat(
 
 
 def render_prompt(tokenizer: Tokenizer, messages: Messages) -> list[int]:
-  """The conversation so far plus <|assistant|>: what a sampler continues (same tokens as in SFT)."""
+  """The conversation so far plus the assistant's cue (<|assistant|>, or the template's
+  generation prompt): what a sampler continues, the same tokens as in SFT."""
+  template = getattr(tokenizer, "chat_template", None)
+  if template is not None:
+    text, _ = template.render(messages, add_generation_prompt=True)
+    return tokenizer.encode(text)
   ids, _ = render_chat(tokenizer, messages)
   return ids + [tokenizer.role_ids["assistant"]]
+
+
+def render_reply(
+  tokenizer: Tokenizer, messages: Messages, reply: str
+) -> tuple[list[int], list[int]]:
+  """A prompt's conversation answered with `reply`: ids, and a mask that is 1 on the reply
+  (through its end-of-turn token)."""
+  if getattr(tokenizer, "chat_template", None) is not None:
+    return render_chat(tokenizer, [*messages, {"role": "assistant", "content": reply}])
+  prompt = render_prompt(tokenizer, messages)
+  ids = prompt + tokenizer.encode(reply) + [tokenizer.end_id]
+  return ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt))
 
 
 class OverflowCounter:
@@ -171,13 +201,13 @@ def pack_preferences(
   margins = []
   for pair in pairs:
     counter.stats["examples"] += 1
-    prompt = render_prompt(tokenizer, pair.prompt)
-    sides = {}
-    for side, response in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-      ids = prompt + tokenizer.encode(response) + [tokenizer.end_id]
-      sides[side] = (ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt)))
+    sides = {
+      side: render_reply(tokenizer, pair.prompt, response)
+      for side, response in (("chosen", pair.chosen), ("rejected", pair.rejected))
+    }
+    prompt_len = max(mask.index(1) if 1 in mask else len(mask) for _, mask in sides.values())
     too_long = max(len(ids) for ids, _ in sides.values()) > limit
-    if too_long and (overflow == "drop" or len(prompt) >= limit):
+    if too_long and (overflow == "drop" or prompt_len >= limit):
       counter.stats["dropped"] += 1
       continue
     counter.stats["truncated"] += too_long

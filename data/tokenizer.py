@@ -1,4 +1,5 @@
-"""Tokenizers: sentencepiece (BPE/unigram, byte fallback) and character-level, one interface."""
+"""Tokenizers: sentencepiece (BPE/unigram, byte fallback) and character-level, one interface
+(data/hf_tokenizer.py puts a Hugging Face tokenizer.json behind it)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -152,7 +154,7 @@ class CharTokenizer(_Specials):
     _write_meta(directory, {"kind": self.kind, "chars": self.chars, "vocab_size": self.vocab_size})
 
 
-Tokenizer = SentencePieceTokenizer | CharTokenizer
+Tokenizer = Any  # SentencePieceTokenizer | CharTokenizer | data.hf_tokenizer.HFTokenizer
 
 
 def _write_meta(directory, meta: dict) -> None:
@@ -185,6 +187,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
 
 def tokenizer_to_json(tok: Tokenizer) -> dict:
   """The whole tokenizer as JSON data: a checkpoint carries it next to the weights."""
+  if hasattr(tok, "to_json"):  # a Hugging Face tokenizer
+    return tok.to_json()
   if isinstance(tok, SentencePieceTokenizer):
     return {
       "kind": tok.kind,
@@ -208,6 +212,10 @@ def tokenizer_from_json(data: dict, where: str = "tokenizer data") -> Tokenizer:
     if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
       raise DataError(f"{where}: field 'chars' must be a list of single characters")
     return CharTokenizer(chars)
+  if data.get("kind") == "hf":
+    from data import hf_tokenizer
+
+    return hf_tokenizer.from_json(data, where)
   raise DataError(f"{where}: unknown tokenizer kind {data.get('kind')!r}")
 
 

@@ -225,7 +225,7 @@ class DPO(stagelib.BatchStage):
     return {STATE: ("lm", self.model_cfg)}
 
   def checkpoint_items(self):
-    return {"chat_template": chat.CHAT_TEMPLATE}
+    return {"chat_template": chat.template_item(self.tokenizer)}
 
   def evaluate(self, params=None) -> dict:
     """Held-out DPO loss, implicit rewards, their margin and accuracy, and logprobs, per pair."""

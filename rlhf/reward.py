@@ -268,7 +268,7 @@ class RewardModel(stagelib.BatchStage):
     return {STATE: ("scalar", self.model_cfg)}
 
   def checkpoint_items(self):
-    return {"chat_template": chat.CHAT_TEMPLATE, NORM_ITEM: self.reward_norm()}
+    return {"chat_template": chat.template_item(self.tokenizer), NORM_ITEM: self.reward_norm()}
 
   def evaluate(self, params=None) -> dict:
     """Held-out loss, pairwise accuracy (chosen scored above rejected) and mean reward gap."""

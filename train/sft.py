@@ -121,7 +121,7 @@ class SFT(stagelib.BatchStage):
     return {"model": ("lm", self.model_cfg)}
 
   def checkpoint_items(self):
-    return {"chat_template": chat.CHAT_TEMPLATE}
+    return {"chat_template": chat.template_item(self.tokenizer)}
 
   def reply(self, conversations, params=None, max_new_tokens: int | None = None) -> list[str]:
     """Greedy assistant replies to conversations (message lists), decoded up to <|end|>."""

@@ -247,8 +247,8 @@ def stage_tokenizer(kind: str, vocab_size: int, source, texts, workdir: str):
   if source is not None:
     if source.tokenizer is None:
       raise ValueError(
-        f"{source.describe()} comes without a tokenizer this project can read; start from "
-        f"one of our workdirs"
+        f"{source.describe()} comes without a tokenizer this project can read (a Hugging "
+        f"Face folder needs its tokenizer.json); add it, or start from one of our workdirs"
       )
     return source.tokenizer
   tok_dir = os.path.join(workdir, "tokenizer")

@@ -69,7 +69,7 @@ class Source:
   kind: str  # 'lm' | 'scalar'
   model_cfg: ModelConfig
   config: dict  # the run's config (workdir) or config.json (hf)
-  tokenizer: Any = None  # the run's tokenizer (workdir); None for hf until it is supported
+  tokenizer: Any = None  # the run's tokenizer; a Hugging Face folder's tokenizer.json, if any
   items: dict = dataclasses.field(default_factory=dict)  # the checkpoint's JSON items
   field: str = "train.init_from"  # the setting that named it
   given: str = ""  # the path as that setting gave it
@@ -156,7 +156,13 @@ def resolve(path: str, step: int = 0, state: str = "", field: str = "train.init_
     from model import hf_config, hf_files
 
     config = hf_files.read_config(path)
-    source = Source("hf", path, None, "", "lm", hf_config.hf_config_to_model(config), config)
+    tokenizer = None
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+      from data.hf_tokenizer import load_hf_tokenizer
+
+      tokenizer = load_hf_tokenizer(path)
+    cfg = hf_config.hf_config_to_model(config)
+    source = Source("hf", path, None, "", "lm", cfg, config, tokenizer)
   else:
     raise FileNotFoundError(
       f"{field}={given!r} is neither one of our workdirs (no checkpoints/ in it) nor a "
