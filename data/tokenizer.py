@@ -33,6 +33,12 @@ class _Specials:
   end_id: int
   role_ids: dict[str, int]
 
+  @property
+  def start_id(self) -> int:
+    """What an unconditional sample starts from: bos, or eos where a tokenizer has no bos
+    (Qwen's, whose documents are separated by their end token)."""
+    return self.eos_id if self.bos_id is None else self.bos_id
+
   def encode_batch(
     self, texts: Sequence[str], *, bos: bool = False, eos: bool = False
   ) -> list[list[int]]:

@@ -162,7 +162,7 @@ class Pretrain(stagelib.Stage):
     """One continuation of train.sample_prompt, decoded."""
     tc, tok = self.train_cfg, self.tokenizer
     prompt = tok.encode(tc.sample_prompt, bos=self.data_cfg.add_bos) if tc.sample_prompt else []
-    prompt = prompt or [tok.bos_id]
+    prompt = prompt or [tok.start_id]
     cfg = self.model_cfg
     budget = cfg.max_seq_len - len(prompt) if cfg.position == "learned" else 10**9
     sampling = SamplingConfig(

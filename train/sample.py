@@ -32,7 +32,7 @@ def main(argv):
 
   model_cfg, data_cfg, params, tok = load_for_inference(_WORKDIR.value, _STEP.value)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
-  prompt = tok.encode(_PROMPT.value, bos=data_cfg.get("add_bos", True)) or [tok.bos_id]
+  prompt = tok.encode(_PROMPT.value, bos=data_cfg.get("add_bos", True)) or [tok.start_id]
   budget = model_cfg.max_seq_len - len(prompt) if model_cfg.position == "learned" else _TOKENS.value
   if budget <= 0:
     raise ValueError(

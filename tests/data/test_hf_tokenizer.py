@@ -141,3 +141,15 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     chat.render_chat(tok, CHAT[:4])
   with pytest.raises(DataError, match=r"chat template does not parse \(line 1\)"):
     load_hf_tokenizer(str(write_folder(tmp_path / "bad", "{% for m in messages %}")))
+
+
+def test_a_tokenizer_without_bos_adds_none_and_starts_samples_at_eos(folders, tmp_path):
+  config = json.loads((folders["plain"] / "tokenizer_config.json").read_text())
+  del config["bos_token"]
+  folder = tmp_path / "no_bos"
+  folder.mkdir()
+  (folder / "tokenizer.json").write_text((folders["plain"] / "tokenizer.json").read_text())
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  tok = load_hf_tokenizer(str(folder))
+  assert tok.bos_id is None and tok.encode("abc", bos=True) == tok.encode("abc")
+  assert tok.start_id == tok.eos_id == hf(folder).eos_token_id
