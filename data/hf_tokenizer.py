@@ -32,7 +32,14 @@ class HFTokenizer(_Specials):
 
   kind = "hf"
 
-  def __init__(self, tokenizer_json: str, config: dict, where: str = "tokenizer.json"):
+  def __init__(
+    self,
+    tokenizer_json: str,
+    config: dict,
+    where: str = "tokenizer.json",
+    token_ids: dict | None = None,
+  ):
+    """`token_ids`: config.json's bos/eos/pad_token_id, for the specials `config` names none."""
     from tokenizers import Tokenizer
 
     try:
@@ -40,7 +47,13 @@ class HFTokenizer(_Specials):
     except Exception as e:  # the Rust parser raises its own exception type
       raise DataError(f"{where}: not a Hugging Face tokenizer.json ({e})") from None
     self.tokenizer_json, self.where = tokenizer_json, where
-    self.config = {k: v for k, v in config.items() if k in KEPT and v is not None}
+    config = {k: v for k, v in config.items() if v is not None}
+    for name in SPECIALS:
+      i = (token_ids or {}).get(f"{name}_token_id")
+      i = i[0] if isinstance(i, list) and i else i
+      if f"{name}_token" not in config and isinstance(i, int) and self._tok.id_to_token(i):
+        config[f"{name}_token"] = self._tok.id_to_token(i)
+    self.config = {k: v for k, v in config.items() if k in KEPT}
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.tokens: dict[str, str] = {}
     ids: dict[str, int | None] = {}
@@ -145,16 +158,9 @@ def load_hf_tokenizer(folder: str) -> HFTokenizer:
           config.update({k: v for k, v in json.load(f).items() if v is not None})
       except ValueError as e:
         raise DataError(f"{extra}: not JSON ({e})") from None
+  ids: dict = {}
   model_config = os.path.join(folder, "config.json")
   if os.path.exists(model_config):
-    from tokenizers import Tokenizer
-
     with open(model_config, encoding="utf-8") as f:
       ids = json.load(f)
-    vocab = Tokenizer.from_str(text)
-    for name in ("bos", "eos", "pad"):
-      i = ids.get(f"{name}_token_id")
-      i = i[0] if isinstance(i, list) and i else i
-      if f"{name}_token" not in config and isinstance(i, int) and vocab.id_to_token(i):
-        config[f"{name}_token"] = vocab.id_to_token(i)
-  return HFTokenizer(text, config, where=path)
+  return HFTokenizer(text, config, where=path, token_ids=ids)

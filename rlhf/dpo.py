@@ -210,7 +210,7 @@ class DPO(stagelib.BatchStage):
     n = len(rows["chosen_inputs"])
     block, blocks = mesh.block(dc.eval_batch_size)
     chosen, rejected = [], []
-    for batch in chat.padded_batches(rows, dc.eval_batch_size, block=block, blocks=blocks):
+    for batch in arrays.padded_batches(rows, dc.eval_batch_size, block=block, blocks=blocks):
       logp_c_B, logp_r_B = forward(params, mesh.shard(batch))
       chosen.append(distributed.gather(logp_c_B))
       rejected.append(distributed.gather(logp_r_B))

@@ -16,6 +16,7 @@ from model import lora
 from train import checkpoint as ckpt
 from train import distributed, metrics, weights
 from train import step as steplib
+from train.sources import pinned
 from train.stage import Stage, build_stage
 
 
@@ -61,9 +62,9 @@ def _peak_flops(tc) -> float:
   return 0.0
 
 
-def _items(stage: Stage, config, tokenizer_json, sources: dict) -> dict:
+def checkpoint_items(stage: Stage, config, tokenizer_json, sources: dict) -> dict:
   """The JSON a checkpoint carries besides the states; `sources`: setting -> the weights it
-  named, as read (weights.pinned)."""
+  named, as read (sources.pinned)."""
   models = stage.models()
   bases = {n: sources.get(stage.weights_from.get(n, "train.init_from")) for n in models}
   return {
@@ -105,7 +106,7 @@ def train(config, workdir: str) -> dict:
   before = checkpointer.latest_items(["config", "sources"])
   if "config" in before:
     _check_resume_config(before["config"], config, workdir)
-  with weights.pinned(before.get("sources")) as sources:
+  with pinned(before.get("sources")) as sources:
     stage = build_stage(config, workdir)
   tc = stage.train_cfg
   primary = jax.process_index() == 0
@@ -256,7 +257,9 @@ def train(config, workdir: str) -> dict:
       if saving:
         check_finite(step, step_metrics)  # never a checkpoint after a bad step under "stop"
         # The host state now is exactly `step` iterations in: what a resume needs.
-        checkpointer.save(step, saved(stage.states), _items(stage, config, tokenizer_json, sources))
+        checkpointer.save(
+          step, saved(stage.states), checkpoint_items(stage, config, tokenizer_json, sources)
+        )
       if done:
         break
       if evaluating or saving:

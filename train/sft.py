@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from data import chat, sources
+from data import arrays, chat, sources
 from data.sources import DataError
 from model.sampling import Sampler, SamplingConfig, left_pad
 from train import metrics
@@ -58,7 +58,7 @@ def _chats(dc: SFTDataConfig) -> tuple[list, list]:
   examples = list(sources.read_chat(dc.path))
   if dc.val_path:
     return examples, list(sources.read_chat(dc.val_path))
-  return chat.split_held_out(examples, dc.val_fraction, dc.seed)
+  return arrays.split_held_out(examples, dc.val_fraction, dc.seed)
 
 
 def _texts(examples) -> list[str]:

@@ -16,6 +16,7 @@ from model import lora
 from model.config import ModelConfig
 from train import distributed, metrics, optim, partitioning, weights
 from train import step as steplib
+from train.sources import Source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +134,11 @@ class BatchStage(Stage):
   def batch_iterator(self, kind: str):
     """The resumable iterator over `train_arrays` in batches of data.batch_size, this
     process's block of each, shuffled by data.seed."""
-    from data import chat
+    from data import arrays
 
     dc = self.data_cfg
     block, blocks = self.mesh.block(dc.batch_size)
-    return chat.array_iterator(
+    return arrays.array_iterator(
       self.train_arrays,
       self.train_stats,
       kind=kind,
@@ -163,11 +164,11 @@ class BatchStage(Stage):
     nothing is held out."""
     if self.val_arrays is None:
       return None
-    from data import chat
+    from data import arrays
 
     size = self.data_cfg.eval_batch_size
     block, blocks = self.mesh.block(size)
-    batches = chat.padded_batches(self.val_arrays, size, block=block, blocks=blocks)
+    batches = arrays.padded_batches(self.val_arrays, size, block=block, blocks=blocks)
     params = self.params if params is None else params
     return metrics.sum_eval(self.eval_step, params, batches, self.mesh, self.train_cfg.eval_batches)
 
@@ -262,7 +263,7 @@ def stage_tokenizer(kind: str, vocab_size: int, source, texts, workdir: str):
   return tok
 
 
-def init_source(train_cfg: TrainConfig) -> weights.Source | None:
+def init_source(train_cfg: TrainConfig) -> Source | None:
   """Where the stage's weights come from (train.init_from), or None for a random init."""
   if not train_cfg.init_from:
     return None
@@ -326,7 +327,7 @@ def build_model(
   opt_cfg: optim.OptimConfig,
   mesh: Mesh,
   seed: int,
-  source: weights.Source | None = None,
+  source: Source | None = None,
   head_init: str = "reward",
 ) -> Model:
   """A model and its optimizer state, built directly into their shardings: randomly
@@ -340,7 +341,7 @@ def build_model(
   return Model(kind, cfg, graphdef, state, shardings, optimizer, opt_cfg, trainable)
 
 
-def frozen_params(kind: str, cfg: ModelConfig, mesh: Mesh, source: weights.Source):
+def frozen_params(kind: str, cfg: ModelConfig, mesh: Mesh, source: Source):
   """(graphdef, params, shardings) of a frozen model (a reference policy, a reward model):
   parameters alone, no optimizer state, read straight into the layout's shardings. It trains
   no adapters: a LoRA source comes with its adapters folded in."""

@@ -3,11 +3,8 @@ stage's shardings (train.init_from), and a checkpoint's model for inference."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import os
-from typing import Any
 
 import jax
 import numpy as np
@@ -17,6 +14,8 @@ from flax import nnx
 from model.config import ModelConfig
 from model.transformer import ScalarModel, Transformer
 from train import checkpoint as ckpt
+from train import sources
+from train.sources import Source
 
 KINDS = ("lm", "scalar", "lm_value")  # lm_value: an LM with a value head (a shared critic)
 LM_KINDS = ("lm", "lm_value")
@@ -58,39 +57,6 @@ def abstract_params(kind: str, cfg: ModelConfig) -> dict:
   return nnx.to_pure_dict(state)
 
 
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """Where a model's weights come from: a run's checkpoint or a Hugging Face folder."""
-
-  format: str  # 'workdir' | 'hf'
-  path: str
-  step: int | None  # the checkpoint's step (workdir)
-  state: str  # the state within the checkpoint that holds the model (workdir)
-  kind: str  # 'lm' | 'scalar'
-  model_cfg: ModelConfig
-  config: dict  # the run's config (workdir) or config.json (hf)
-  tokenizer: Any = None  # the run's tokenizer; a Hugging Face folder's tokenizer.json, if any
-  items: dict = dataclasses.field(default_factory=dict)  # the checkpoint's JSON items
-  field: str = "train.init_from"  # the setting that named it
-  given: str = ""  # the path as that setting gave it
-
-  def ref(self) -> dict:
-    """What a checkpoint records of where its weights came from: enough to read exactly
-    these weights again (an absolute path and a step, not 'the latest')."""
-    return {
-      "format": self.format,
-      "given": self.given,
-      "path": os.path.abspath(self.path),
-      "step": self.step,
-      "state": self.state,
-    }
-
-  def describe(self) -> str:
-    if self.format == "hf":
-      return f"Hugging Face folder {self.path}"
-    return f"{self.path} step {self.step} ({self.state})"
-
-
 def models_item(models: dict[str, tuple[str, ModelConfig]], bases: dict | None = None) -> dict:
   """The checkpoint item that says which state holds which model: a checkpoint of any stage
   then loads for inference or as another stage's starting point without its stage's code.
@@ -103,43 +69,13 @@ def models_item(models: dict[str, tuple[str, ModelConfig]], bases: dict | None =
   }
 
 
-# field -> ref of the weights it read, as a resumed run must read them again (see pinned).
-_PINS: contextvars.ContextVar = contextvars.ContextVar("weight_pins", default=None)
-
-
-@contextlib.contextmanager
-def pinned(saved: dict | None):
-  """Within: each setting that names a workdir (train.init_from, rlhf.reward, ...) and asks
-  for its latest step reads the step that `saved` (a checkpoint's 'sources' item: field ->
-  Source.ref()) recorded for it, so a resumed run reads the weights its first start read even
-  when that workdir has trained on since. Yields the dict that records each resolution, to
-  be saved as the next 'sources'."""
-  record: dict = {}
-  token = _PINS.set((dict(saved or {}), record))
-  try:
-    yield record
-  finally:
-    _PINS.reset(token)
-
-
-def _pin(path: str, step: int, state: str, field: str) -> dict | None:
-  """The recorded ref to read when this run read `field` before from the same setting."""
-  pins = _PINS.get()
-  pin = pins[0].get(field) if pins else None
-  if not pin or pin.get("format") != "workdir" or pin.get("given") != path:
-    return None
-  if step not in (0, pin["step"]) or state not in ("", pin["state"]):
-    return None
-  return pin
-
-
 def resolve(path: str, step: int = 0, state: str = "", field: str = "train.init_from") -> Source:
   """The weights at `path`: one of our workdirs (its latest step, or `step`) or a Hugging Face
   folder (config.json and safetensors). `field` names the setting that gave `path`, in
-  errors. Inside `pinned`, a resumed run reads the step its first start read."""
+  errors. Inside `sources.pinned`, a resumed run reads the step its first start read."""
   if not path:
     raise ValueError(f"no weights given: set {field} to a workdir or Hugging Face folder")
-  given, pin = path, _pin(path, step, state, field)
+  given, pin = path, sources.pin(path, step, state, field)
   if pin:
     path, step, state = pin["path"], pin["step"], pin["state"]
   if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -169,9 +105,7 @@ def resolve(path: str, step: int = 0, state: str = "", field: str = "train.init_
       f"Hugging Face folder (no config.json in it)"
     )
   source = dataclasses.replace(source, field=field, given=given)
-  pins = _PINS.get()
-  if pins is not None:
-    pins[1][field] = source.ref()
+  sources.record(field, source.ref())
   return source
 
 

@@ -16,6 +16,7 @@ from model.config import ModelConfig
 from tests.train.test_lora import TARGETS, lora_config
 from train import checkpoint as ckpt
 from train import loop, weights
+from train.sources import Source, pinned
 
 
 def checksums(run, step):
@@ -78,9 +79,7 @@ def test_a_lora_run_keeps_the_base_its_first_start_read(tmp_path, monkeypatch, b
 def test_run_fields_come_from_the_run_not_the_weights():
   """Adapters and a classifier's classes belong to the run that sets them: a stage on a LoRA
   classifier's weights is plain with one output unless its own config says otherwise."""
-  source = weights.Source(
-    "workdir", "x", 1, "model", "scalar", ModelConfig(lora_rank=4, num_classes=3), {}
-  )
+  source = Source("workdir", "x", 1, "model", "scalar", ModelConfig(lora_rank=4, num_classes=3), {})
   cfg = weights.model_config({}, source)
   assert (cfg.lora_rank, cfg.num_classes) == (0, 0)
   cfg = weights.model_config({"lora_rank": 8, "num_classes": 2}, source)
@@ -109,9 +108,9 @@ def test_a_lora_reward_model_is_frozen_plain_and_scores_as_loaded(tmp_path, base
   c = ppo_config(tmp_path, str(tmp_path / "rm"), response_len=3, critic="separate")
   c.train.init_from = str(base_run)
   c.model = ml_collections.ConfigDict({"lora_rank": 4, "lora_targets": TARGETS})
-  with weights.pinned(None) as sources:
+  with pinned(None) as record:
     stage = build_stage(c, str(tmp_path / "ppo"))
-  models = loop._items(stage, c, None, sources)["models"]  # what its checkpoints carry
+  models = loop.checkpoint_items(stage, c, None, record)["models"]  # what its checkpoints carry
   assert models["policy"]["base"]["path"] == str(base_run)
   assert models["critic"]["base"]["path"] == str(tmp_path / "rm"), "the critic's base: the RM"
   assert not lora.split(stage.reward_params, lora.is_adapter)[0], "no adapters on a frozen model"
