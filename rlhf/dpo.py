@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from data import chat
+from data.arrays import padded_batches
 from model import axes, layers
 from model.logprobs import token_logprobs
 from rlhf.reward import RMDataConfig, pair_texts, preference_pairs
@@ -210,7 +211,7 @@ class DPO(stagelib.BatchStage):
     n = len(rows["chosen_inputs"])
     block, blocks = mesh.block(dc.eval_batch_size)
     chosen, rejected = [], []
-    for batch in arrays.padded_batches(rows, dc.eval_batch_size, block=block, blocks=blocks):
+    for batch in padded_batches(rows, dc.eval_batch_size, block=block, blocks=blocks):
       logp_c_B, logp_r_B = forward(params, mesh.shard(batch))
       chosen.append(distributed.gather(logp_c_B))
       rejected.append(distributed.gather(logp_r_B))

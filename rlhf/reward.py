@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data import arrays, chat, sources
+from data import chat, sources
+from data.arrays import split_held_out
 from data.sources import DataError
 from data.tokenizer import tokenizer_to_json
 from model import axes
@@ -162,7 +163,7 @@ def preference_pairs(dc: RMDataConfig) -> tuple[list, list]:
   pairs = list(sources.read_preferences(dc.path))
   if dc.val_path:
     return pairs, list(sources.read_preferences(dc.val_path))
-  return arrays.split_held_out(pairs, dc.val_fraction, dc.seed)
+  return split_held_out(pairs, dc.val_fraction, dc.seed)
 
 
 def pair_texts(pairs) -> list[str]:

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import arrays, sources
+from data import sources
+from data.arrays import padded_batches, split_held_out
 from data.sources import DataError
 from model.transformer import last_token_values
 from train import distributed, metrics
@@ -155,7 +156,7 @@ class Classify(stagelib.BatchStage):
     if dc.val_path:
       held_out = read_examples(dc.val_path, dc.text_field, dc.label_field)
     else:
-      examples, held_out = arrays.split_held_out(examples, dc.val_fraction, dc.seed)
+      examples, held_out = split_held_out(examples, dc.val_fraction, dc.seed)
     self.names = class_names(examples + held_out, dc.labels)
     # Int labels are positions when the names are given or every label is an int.
     ids = bool(dc.labels) or all(isinstance(label, int) for _, label, _ in examples + held_out)
@@ -215,7 +216,7 @@ class Classify(stagelib.BatchStage):
     block, blocks = self.mesh.block(size)
     params = self.params if params is None else params
     predicted = []
-    for batch in arrays.padded_batches(self.val_arrays, size, block=block, blocks=blocks):
+    for batch in padded_batches(self.val_arrays, size, block=block, blocks=blocks):
       predicted.append(distributed.gather(self._predict(params, self.mesh.shard(batch))))
     n = len(self.val_arrays["labels"])
     return self.val_arrays["labels"], np.concatenate(predicted)[:n]

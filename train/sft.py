@@ -7,7 +7,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from data import arrays, chat, sources
+from data import chat, sources
+from data.arrays import split_held_out
 from data.sources import DataError
 from model.sampling import Sampler, SamplingConfig, left_pad
 from train import metrics
@@ -58,7 +59,7 @@ def _chats(dc: SFTDataConfig) -> tuple[list, list]:
   examples = list(sources.read_chat(dc.path))
   if dc.val_path:
     return examples, list(sources.read_chat(dc.val_path))
-  return arrays.split_held_out(examples, dc.val_fraction, dc.seed)
+  return split_held_out(examples, dc.val_fraction, dc.seed)
 
 
 def _texts(examples) -> list[str]:
