@@ -35,8 +35,8 @@ def loss_curves(runs: str, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3.2))
-  for ax, (stage, title) in zip(axes, STAGES.items()):
+  fig, axes = plt.subplots(2, 2, figsize=(8, 6))  # two by two: legible at a page's width
+  for ax, (stage, title) in zip(axes.flat, STAGES.items()):
     rows = read_metrics(os.path.join(runs, stage, "metrics.jsonl"))
     for split, style in (("train", "-"), ("val", "o-")):
       points = [(r["step"], r["loss"]) for r in rows if r["split"] == split and "loss" in r]
