@@ -288,7 +288,7 @@ def run(
     c.train.keep_checkpoints = 8
     run_stage("grpo", c, d("grpo"), times)
     report["models"]["grpo"] = evaluate(d("grpo"), heldout, chat=True, seed=seed)
-    report["models"]["grpo"]["kl"] = last_row(d("grpo"), "train").get("policy/kl")
+    report["models"]["grpo"]["kl"] = last_row(d("grpo"), "train").get("kl")
 
   report["curves"] = {
     name: rl_curve(d(name), heldout, report["models"]["sft"])

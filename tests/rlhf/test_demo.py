@@ -86,6 +86,11 @@ def test_the_shortened_road_reports_what_its_models_do(tmp_path):
     assert curve[0]["exact_match"] == report["models"]["sft"]["exact_match"]
     assert curve[0]["kl"] == 0.0
     assert curve[-1]["exact_match"] == report["models"][name]["exact_match"]
+    # The table's KL: the last logged training KL (PPO's summed k1, GRPO's k3), read here
+    # straight from the run's metrics file.
+    with open(os.path.join(wd, name, "metrics.jsonl")) as f:
+      kls = [r["kl"] for r in map(json.loads, f) if r["split"] == "train" and "kl" in r]
+    assert kls and report["models"][name]["kl"] == kls[-1], name
 
   # Pairs: the chosen answer is the true sum and the rejected one is not.
   with open(os.path.join(wd, "task", "pairs.jsonl")) as f:
