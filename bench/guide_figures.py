@@ -10,7 +10,6 @@ read back from the shardings JAX builds).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 
@@ -23,17 +22,14 @@ LAYOUTS = ("dp", "fsdp", "tp", "fsdp_tp", "dp_fsdp_tp")
 STAGES = {"pretrained": "pretraining", "sft": "SFT", "rm": "reward model", "dpo": "DPO"}
 
 
-def read_metrics(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def loss_curves(runs: str, path: str) -> None:
   """Train and validation loss over steps for each stage of the demo that has a loss."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
+  from train.metrics import read_metrics
 
   fig, axes = plt.subplots(2, 2, figsize=(8, 6))  # two by two: legible at a page's width
   for ax, (stage, title) in zip(axes.flat, STAGES.items()):
